@@ -1,0 +1,63 @@
+//! `vmsnap`: a thin command-line front end over `vmsnap-core` and `vmsnap-qcow2`.
+//!
+//! All logic a library caller could need lives in the library crates; this binary
+//! only parses arguments, calls the library and renders tables, trees and JSON.
+
+mod img;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Options every subcommand sees.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Globals {
+    /// State directory (default: /var/lib/vmsnap for root, $XDG_DATA_HOME/vmsnap otherwise).
+    #[arg(long, global = true, env = "VMSNAP_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print data as JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "vmsnap", version, about = "VM snapshots for QEMU/KVM")]
+struct Cli {
+    #[command(flatten)]
+    globals: Globals,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work on disk images directly (flags as qemu-img has them).
+    Img(img::ImgArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Img(args) => img::run(args, &cli.globals),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Renders an error and its causes on one line, as every user-facing refusal must be.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
