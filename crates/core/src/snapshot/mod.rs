@@ -1,0 +1,1 @@
+//! Snapshot metadata and orchestration (being written).
