@@ -567,6 +567,43 @@ impl Qmp {
         }
     }
 
+    /// Asks the guest to power off via ACPI (`system_powerdown`); the guest
+    /// may ignore it. Watch for the SHUTDOWN event or the process exit.
+    pub async fn system_powerdown(&self) -> Result<(), Error> {
+        self.execute("system_powerdown", None).await.map(drop)
+    }
+
+    /// Turns migration capabilities on or off (`migrate-set-capabilities`),
+    /// e.g. `[("background-snapshot", true)]`.
+    pub async fn migrate_set_capabilities(
+        &self,
+        capabilities: &[(&str, bool)],
+    ) -> Result<(), Error> {
+        let list: Vec<Value> = capabilities
+            .iter()
+            .map(|(capability, state)| json!({ "capability": capability, "state": state }))
+            .collect();
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": list })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Starts an outgoing migration to `uri` (`migrate`), e.g.
+    /// `exec:cat > FILE` on QEMU 7.2; finish with [`Qmp::wait_migration`].
+    pub async fn migrate(&self, uri: &str) -> Result<(), Error> {
+        self.execute("migrate", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    /// Cancels the current outgoing migration (`migrate_cancel`).
+    pub async fn migrate_cancel(&self) -> Result<(), Error> {
+        self.execute("migrate_cancel", None).await.map(drop)
+    }
+
     /// Removes a concluded job (`job-dismiss`).
     pub async fn job_dismiss(&self, job_id: &str) -> Result<(), Error> {
         self.execute("job-dismiss", Some(json!({ "id": job_id })))
@@ -614,21 +651,21 @@ impl Qmp {
             .max(Duration::from_millis(500))
     }
 
-    /// Waits until `events` delivers an event accepted by `relevant`, the
-    /// poll interval passes, or `deadline` is reached. Lost events just end
-    /// the wait early, since the caller re-checks state anyway.
+    /// Waits until `events` delivers an event accepted by `relevant` (and
+    /// returns it), the poll interval passes, or `deadline` is reached. Lost
+    /// events just end the wait early, since the caller re-checks state.
     async fn nap(
         events: &mut EventReceiver,
         relevant: impl Fn(&Event) -> bool,
         deadline: Instant,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Event>, Error> {
         let wake = (Instant::now() + POLL_INTERVAL).min(deadline);
         loop {
             match timeout_at(wake, events.recv()).await {
-                Err(_) => return Ok(()),
-                Ok(Ok(event)) if relevant(&event) => return Ok(()),
+                Err(_) => return Ok(None),
+                Ok(Ok(event)) if relevant(&event) => return Ok(Some(event)),
                 Ok(Ok(_)) => {}
-                Ok(Err(Error::EventsLost { .. })) => return Ok(()),
+                Ok(Err(Error::EventsLost { .. })) => return Ok(None),
                 Ok(Err(e)) => return Err(e),
             }
         }
@@ -649,12 +686,12 @@ impl Qmp {
                 .await?;
             match jobs.into_iter().find(|job| job.id == job_id) {
                 Some(job) if job.status == JobStatus::Concluded => {
+                    let dismissed = self.job_dismiss(job_id).await;
+                    // The job's own failure matters more to the caller than a
+                    // failed clean-up; a dead QEMU shows up on the next command.
                     return match job.error {
-                        Some(error) => {
-                            self.job_dismiss(job_id).await?;
-                            Err(self.job_error(job_id, error))
-                        }
-                        None => self.job_dismiss(job_id).await,
+                        Some(error) => Err(self.job_error(job_id, error)),
+                        None => dismissed,
                     };
                 }
                 Some(JobInfo {
@@ -684,20 +721,9 @@ impl Qmp {
             let is_ours = |event: &Event| {
                 event.name == "JOB_STATUS_CHANGE" && event.data_str("id") == Some(job_id)
             };
-            let ended = std::cell::Cell::new(false);
-            Self::nap(
-                &mut events,
-                |event| {
-                    let ours = is_ours(event);
-                    if ours && matches!(event.data_str("status"), Some("concluded" | "null")) {
-                        ended.set(true);
-                    }
-                    ours
-                },
-                deadline,
-            )
-            .await?;
-            saw_end |= ended.get();
+            if let Some(event) = Self::nap(&mut events, is_ours, deadline).await? {
+                saw_end |= matches!(event.data_str("status"), Some("concluded" | "null"));
+            }
         }
     }
 

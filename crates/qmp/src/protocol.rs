@@ -193,6 +193,10 @@ pub(crate) fn classify(value: Value) -> Message {
 #[derive(Debug, Default)]
 pub(crate) struct Decoder {
     buffer: Vec<u8>,
+    /// Whether a newline arrived since the last `NeedMore`: QEMU ends every
+    /// message with one, so a long reply arriving in many reads is parsed
+    /// once when complete, not once per read.
+    newline_seen: bool,
 }
 
 /// What the decoder found in its buffer.
@@ -210,6 +214,7 @@ impl Decoder {
     /// Appends bytes read from the socket.
     pub fn extend(&mut self, bytes: &[u8]) {
         self.buffer.extend_from_slice(bytes);
+        self.newline_seen |= bytes.contains(&b'\n');
     }
 
     /// Returns the next complete value, garbage report or `NeedMore`.
@@ -221,6 +226,9 @@ impl Decoder {
             .unwrap_or(self.buffer.len());
         self.buffer.drain(..start);
         if self.buffer.is_empty() {
+            self.newline_seen = false;
+        }
+        if !self.newline_seen {
             return Decoded::NeedMore;
         }
         let mut stream = serde_json::Deserializer::from_slice(&self.buffer).into_iter::<Value>();
@@ -230,7 +238,10 @@ impl Decoder {
                 self.buffer.drain(..consumed);
                 Decoded::Value(value)
             }
-            Some(Err(e)) if e.is_eof() => Decoded::NeedMore,
+            Some(Err(e)) if e.is_eof() => {
+                self.newline_seen = false;
+                Decoded::NeedMore
+            }
             Some(Err(e)) => {
                 let end = self
                     .buffer
@@ -243,7 +254,10 @@ impl Decoder {
                     String::from_utf8_lossy(&dropped[..dropped.len().min(200)])
                 ))
             }
-            None => Decoded::NeedMore,
+            None => {
+                self.newline_seen = false;
+                Decoded::NeedMore
+            }
         }
     }
 }
@@ -393,5 +407,10 @@ mod tests {
         assert!(matches!(decoder.next(), Decoded::Garbage(g) if g.contains("not json")));
         assert_eq!(decoder.next(), Decoded::Value(json!({"return": 2})));
         assert_eq!(decoder.next(), Decoded::NeedMore);
+        // Without its terminating newline a message is not looked at yet.
+        decoder.extend(b"{\"return\": 3}");
+        assert_eq!(decoder.next(), Decoded::NeedMore);
+        decoder.extend(b"\r\n");
+        assert_eq!(decoder.next(), Decoded::Value(json!({"return": 3})));
     }
 }

@@ -451,9 +451,7 @@ async fn migration_to_a_file_completes_and_a_broken_one_fails() {
     let qmp = qemu.connect().await;
     let wait = Duration::from_secs(30);
 
-    qmp.execute("migrate", Some(json!({"uri": "exec:exit 0"})))
-        .await
-        .unwrap();
+    qmp.migrate("exec:exit 0").await.unwrap();
     match qmp.wait_migration(wait).await {
         Err(Error::Migration { status, .. }) => assert_eq!(status, MigrationStatus::Failed),
         other => panic!("expected a failed migration, got {other:?}"),
@@ -461,9 +459,7 @@ async fn migration_to_a_file_completes_and_a_broken_one_fails() {
 
     let state = qemu.dir.path().join("memory.state");
     let uri = format!("exec:cat > {}", state.display());
-    qmp.execute("migrate", Some(json!({ "uri": uri })))
-        .await
-        .unwrap();
+    qmp.migrate(&uri).await.unwrap();
     let info = qmp.wait_migration(wait).await.unwrap();
     assert_eq!(info.status, Some(MigrationStatus::Completed));
     assert!(info.total_time.is_some(), "{info:?}");
@@ -581,4 +577,64 @@ async fn close_ends_every_clone_but_leaves_qemu_running() {
     tokio::time::timeout(Duration::from_secs(5), again.disconnected())
         .await
         .expect("quit closes the connection");
+}
+
+#[tokio::test]
+async fn background_snapshot_migration_of_a_running_guest_completes() {
+    let qemu = Qemu::pc_with_qcow2(&[]);
+    let qmp = qemu.connect().await;
+    qmp.cont().await.unwrap();
+    qmp.migrate_set_capabilities(&[("background-snapshot", true)])
+        .await
+        .unwrap();
+    let state = qemu.dir.path().join("memory.state");
+    let mut events = qmp.events();
+    qmp.migrate(&format!("exec:cat > {}", state.display()))
+        .await
+        .unwrap();
+    let info = qmp.wait_migration(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(info.status, Some(MigrationStatus::Completed));
+    assert!(info.ram.expect("ram stats").total >= 64 * MIB);
+    // The guest was paused only briefly and runs again afterwards.
+    let mut names = Vec::new();
+    while let Some(Ok(event)) = events.try_recv() {
+        names.push(event.name);
+    }
+    assert!(names.contains(&"STOP".to_string()), "{names:?}");
+    assert!(names.contains(&"RESUME".to_string()), "{names:?}");
+    assert_eq!(qmp.query_status().await.unwrap().status, RunState::Running);
+}
+
+#[tokio::test]
+async fn a_second_client_gets_no_greeting_and_times_out_with_a_hint() {
+    let qemu = Qemu::bare(&[]);
+    let first = qemu.connect().await;
+    let err = Qmp::connect(&qemu.socket, Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert!(err.to_string().contains("another client"), "{err}");
+    assert!(first.query_status().await.unwrap().running);
+}
+
+#[test]
+fn client_futures_can_be_spawned_on_a_multi_threaded_runtime() {
+    fn assert_send<T: Send>(_: T) {}
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let qemu = Qemu::bare(&[]);
+    let qmp = runtime.block_on(qemu.connect());
+    let mut events = qmp.events();
+    assert_send(qmp.execute("query-status", None));
+    assert_send(qmp.wait_job("j", Duration::from_secs(1)));
+    assert_send(qmp.wait_migration(Duration::from_secs(1)));
+    assert_send(qmp.wait_event(&mut events, "STOP", |_| true, Duration::from_secs(1)));
+    assert_send(qmp.clone().close());
+    let status = runtime
+        .block_on(runtime.spawn({
+            let qmp = qmp.clone();
+            async move { qmp.query_status().await }
+        }))
+        .unwrap()
+        .unwrap();
+    assert!(status.running);
 }
