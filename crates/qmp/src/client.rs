@@ -599,6 +599,15 @@ impl Qmp {
             .map(drop)
     }
 
+    /// Loads VM state into a QEMU started with `-incoming defer`
+    /// (`migrate-incoming`), e.g. from `exec:cat FILE`; finish with
+    /// [`Qmp::wait_migration`], then `cont`.
+    pub async fn migrate_incoming(&self, uri: &str) -> Result<(), Error> {
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
     /// Cancels the current outgoing migration (`migrate_cancel`).
     pub async fn migrate_cancel(&self) -> Result<(), Error> {
         self.execute("migrate_cancel", None).await.map(drop)
@@ -735,7 +744,8 @@ impl Qmp {
         }
     }
 
-    /// Waits for the current migration to end. Returns its final statistics
+    /// Waits for the current migration (outgoing, or incoming on a QEMU
+    /// started with `-incoming`) to end. Returns its final statistics
     /// when it completed, [`Error::Migration`] (with QEMU's `error-desc`)
     /// when it failed or was cancelled. Watches MIGRATION events and polls
     /// `query-migrate`, so it works without the `events` capability.
