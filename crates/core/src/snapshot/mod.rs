@@ -1,1 +1,19 @@
-//! Snapshot metadata and orchestration (being written).
+//! Snapshot metadata: the record of each snapshot, the per-domain tree and
+//! its virsh-compatible queries, virsh's text output, libvirt
+//! domainsnapshot XML and xl snapshot configs. All pure: the orchestration
+//! (QMP, the qcow2 engine, the store) builds on these.
+
+pub mod error;
+pub mod meta;
+pub mod name;
+pub mod render;
+pub mod tree;
+
+pub use error::{SnapshotMetaError, SnapshotMetaErrorKind};
+pub use meta::{
+    DiskSnapshotMode, DiskSnapshotRecord, MemorySnapshot, SnapshotKind, SnapshotMeta, SnapshotState,
+};
+pub use name::validate_snapshot_name;
+pub use tree::{
+    DeletePlan, DeleteScope, ListOutputOptions, ListQuery, Reparent, SnapshotTree, TreeEntry,
+};
