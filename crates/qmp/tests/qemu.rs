@@ -657,3 +657,36 @@ fn client_futures_can_be_spawned_on_a_multi_threaded_runtime() {
         .unwrap();
     assert!(status.running);
 }
+
+#[tokio::test]
+async fn a_lagging_subscriber_is_told_how_many_events_it_lost() {
+    let qemu = Qemu::bare(&[]);
+    let qmp = qemu.connect().await;
+    let mut lagging = qmp.events();
+    let mut live = qmp.events();
+    let rounds = 2100;
+    for _ in 0..rounds {
+        qmp.stop().await.unwrap();
+        qmp.cont().await.unwrap();
+        // Keep this receiver current; only `lagging` falls behind.
+        while let Some(event) = live.try_recv() {
+            event.unwrap();
+        }
+    }
+    let sent = 2 * rounds as u64;
+    match lagging.recv().await {
+        Err(Error::EventsLost { missed, .. }) => assert_eq!(missed, sent - 4096),
+        other => panic!("expected lost events, got {other:?}"),
+    }
+    // After the report the receiver goes on with the oldest events it still has.
+    let next = lagging.recv().await.unwrap();
+    assert_eq!(
+        next.name,
+        if (sent - 4096) % 2 == 0 {
+            "STOP"
+        } else {
+            "RESUME"
+        }
+    );
+    assert_eq!(qmp.stats().unexpected_messages, 0);
+}
