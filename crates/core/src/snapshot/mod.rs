@@ -6,8 +6,10 @@
 pub mod error;
 pub mod meta;
 pub mod name;
+pub mod orchestrate;
 pub mod render;
 pub mod tree;
+pub mod xml;
 
 pub use error::{SnapshotMetaError, SnapshotMetaErrorKind};
 pub use meta::{
@@ -16,4 +18,8 @@ pub use meta::{
 pub use name::validate_snapshot_name;
 pub use tree::{
     DeletePlan, DeleteScope, ListOutputOptions, ListQuery, Reparent, SnapshotTree, TreeEntry,
+};
+pub use xml::{
+    parse_snapshot_xml, snapshot_to_xml, DiskRequest, DomainDiskSource, MemoryRequest,
+    SnapshotDefinition,
 };
