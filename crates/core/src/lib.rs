@@ -1,4 +1,15 @@
 //! vmsnap core: domains, QEMU supervision, the state directory, the metadata
 //! store and snapshot orchestration. Never prints to the terminal.
 
+pub mod cmdline;
+pub mod config;
+pub mod disk;
+pub mod error;
+pub mod failpoint;
+pub mod lock;
 pub mod snapshot;
+pub mod state;
+pub mod store;
+
+pub use config::{Accel, DiskConfig, DiskFormat, DomainConfig};
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,660 @@
+//! The metadata store: one SQLite database (STATE/vmsnap.db, WAL mode) that
+//! every vmsnap process shares.
+//!
+//! Each part of the core owns some tables and a list of [`Migration`]s under
+//! its own *component* name; `schema_version` records how far each component
+//! has migrated. The domain tables are component [`DOMAIN_COMPONENT`] and are
+//! migrated by [`Store::open`]; another module (snapshots) calls
+//! [`Store::migrate`] with its own component and list once after opening. All
+//! writes go through [`Store::transaction`], so a vmsnap killed half-way leaves
+//! either all of an update or none of it.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use crate::config::DiskFormat;
+use crate::disk::{DiskChain, DiskLayer};
+use crate::error::{Error, Result};
+use crate::state::StateDir;
+
+/// One schema step of a component: applied once, in order of `version`, inside
+/// the same transaction that records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// 1 for the first step of a component, then 2, 3, ...
+    pub version: u32,
+    /// SQL run as a batch (several statements allowed).
+    pub sql: &'static str,
+}
+
+/// Component name of the domain tables in `schema_version`.
+pub const DOMAIN_COMPONENT: &str = "domains";
+
+/// The domain tables' migrations.
+pub const DOMAIN_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: "
+        CREATE TABLE domains (
+            name         TEXT PRIMARY KEY,
+            uuid         TEXT NOT NULL UNIQUE,
+            config       TEXT NOT NULL,      -- the config as TOML, paths absolute
+            created      INTEGER NOT NULL,   -- unix seconds
+            run_id       INTEGER,            -- virsh-style Id of the current or last run
+            last_exit    TEXT,               -- NULL, 'shutdown', 'destroyed' or 'crashed'
+            last_exit_at INTEGER
+        );
+        CREATE TABLE disk_layers (
+            domain     TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+            target     TEXT NOT NULL,
+            disk_index INTEGER NOT NULL,    -- position of the disk in the config
+            depth      INTEGER NOT NULL,    -- 0 = active layer, 1 = its backing, ...
+            path       TEXT NOT NULL,
+            format     TEXT NOT NULL CHECK (format IN ('qcow2', 'raw')),
+            node_name  TEXT NOT NULL,
+            PRIMARY KEY (domain, target, depth)
+        );
+        CREATE TABLE counters (
+            name  TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        );
+    ",
+}];
+
+/// An open metadata store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// Wraps a SQLite error; the database path is filled in by [`Store`] when the
+/// error leaves a transaction or query, so closures need not carry it.
+pub fn sql(what: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    move |source| Error::Store {
+        path: PathBuf::new(),
+        what: what.to_string(),
+        source,
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store of a state directory and brings
+    /// the domain tables up to date.
+    pub fn open(state: &StateDir) -> Result<Store> {
+        Self::open_path(&state.database_path())
+    }
+
+    /// Opens the store at an explicit path (tests, tools).
+    pub fn open_path(path: &Path) -> Result<Store> {
+        let fail = |what: &str, source| Error::Store {
+            path: path.to_path_buf(),
+            what: what.into(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(|e| fail("open", e))?;
+        // The database may hold paths of private images; keep it owner-only like the rest of the state.
+        restrict_mode(path);
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(|e| fail("set busy timeout", e))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| fail("enable WAL", e))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| fail("set synchronous", e))?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(|e| fail("enable foreign keys", e))?;
+        let store = Store {
+            conn,
+            path: path.to_path_buf(),
+        };
+        store.transaction(|tx| {
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS schema_version (
+                     component TEXT PRIMARY KEY,
+                     version   INTEGER NOT NULL
+                 );",
+            )
+            .map_err(sql("create schema_version"))
+        })?;
+        store.migrate(DOMAIN_COMPONENT, DOMAIN_MIGRATIONS)?;
+        // WAL side files exist only after the first write.
+        for suffix in ["-wal", "-shm"] {
+            let mut side = path.as_os_str().to_owned();
+            side.push(suffix);
+            restrict_mode(Path::new(&side));
+        }
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Applies the migrations of `component` that are newer than its recorded
+    /// version, each in its own transaction together with the version bump.
+    /// Refuses a database migrated by a newer vmsnap than this one.
+    pub fn migrate(&self, component: &str, migrations: &[Migration]) -> Result<()> {
+        let newest = migrations.iter().map(|m| m.version).max().unwrap_or(0);
+        let current = self.schema_version(component)?;
+        if current > newest {
+            return Err(Error::StoreContent {
+                path: self.path.clone(),
+                reason: format!(
+                    "component '{component}' is at schema version {current}, newer than this vmsnap \
+                     knows ({newest}); use a newer vmsnap"
+                ),
+            });
+        }
+        let mut pending: Vec<&Migration> =
+            migrations.iter().filter(|m| m.version > current).collect();
+        pending.sort_by_key(|m| m.version);
+        for migration in pending {
+            self.transaction(|tx| {
+                // Re-check inside the write transaction: another process may have migrated meanwhile.
+                let now = version_in(tx, component)?;
+                if now >= migration.version {
+                    return Ok(());
+                }
+                tx.execute_batch(migration.sql)
+                    .map_err(sql("apply migration"))?;
+                tx.execute(
+                    "INSERT INTO schema_version (component, version) VALUES (?1, ?2)
+                     ON CONFLICT(component) DO UPDATE SET version = excluded.version",
+                    params![component, migration.version],
+                )
+                .map_err(sql("record schema version"))?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The schema version recorded for `component` (0 if never migrated).
+    pub fn schema_version(&self, component: &str) -> Result<u32> {
+        self.read(|conn| version_in(conn, component))
+    }
+
+    /// Runs `f` in an immediate (write-locking) transaction and commits if it
+    /// returns `Ok`; any error rolls everything back.
+    pub fn transaction<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let run = || -> Result<T> {
+            let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)
+                .map_err(sql("begin transaction"))?;
+            let value = f(&tx)?;
+            tx.commit().map_err(sql("commit"))?;
+            Ok(value)
+        };
+        run().map_err(|e| self.with_path(e))
+    }
+
+    /// Runs read-only queries on the connection (a consistent snapshot per statement).
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        f(&self.conn).map_err(|e| self.with_path(e))
+    }
+
+    fn with_path(&self, err: Error) -> Error {
+        match err {
+            Error::Store { path, what, source } if path.as_os_str().is_empty() => Error::Store {
+                path: self.path.clone(),
+                what,
+                source,
+            },
+            Error::StoreContent { path, reason } if path.as_os_str().is_empty() => {
+                Error::StoreContent {
+                    path: self.path.clone(),
+                    reason,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+fn restrict_mode(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+fn version_in(conn: &Connection, component: &str) -> Result<u32> {
+    conn.query_row(
+        "SELECT version FROM schema_version WHERE component = ?1",
+        [component],
+        |row| row.get(0),
+    )
+    .optional()
+    .map_err(sql("read schema version"))
+    .map(|v| v.unwrap_or(0))
+}
+
+/// How a domain's last QEMU ended, as far as vmsnap knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LastExit {
+    /// Asked to shut down (ACPI) or the guest powered off.
+    Shutdown,
+    /// Stopped by `destroy`.
+    Destroyed,
+    /// QEMU died without its clean exit path (killed, crashed).
+    Crashed,
+}
+
+impl LastExit {
+    /// The text kept in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LastExit::Shutdown => "shutdown",
+            LastExit::Destroyed => "destroyed",
+            LastExit::Crashed => "crashed",
+        }
+    }
+}
+
+impl FromStr for LastExit {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        match text {
+            "shutdown" => Ok(LastExit::Shutdown),
+            "destroyed" => Ok(LastExit::Destroyed),
+            "crashed" => Ok(LastExit::Crashed),
+            other => Err(format!("unknown last exit '{other}'")),
+        }
+    }
+}
+
+/// A row of the `domains` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRecord {
+    /// Domain name (primary key).
+    pub name: String,
+    /// UUID generated at define time, shown by `dominfo`.
+    pub uuid: String,
+    /// The domain config as TOML with absolute paths.
+    pub config_toml: String,
+    /// When it was defined (unix seconds).
+    pub created: i64,
+    /// The virsh-style Id given to its current or last run.
+    pub run_id: Option<i64>,
+    /// How the last run ended, if vmsnap saw it end.
+    pub last_exit: Option<LastExit>,
+    /// When that was recorded (unix seconds).
+    pub last_exit_at: Option<i64>,
+}
+
+/// Seconds since the epoch, for timestamps in the store.
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Inserts a new domain and its disk chains; [`Error::DomainExists`] if the name is taken.
+pub fn insert_domain(
+    tx: &Transaction<'_>,
+    record: &DomainRecord,
+    disks: &[DiskChain],
+) -> Result<()> {
+    let taken: bool = tx
+        .query_row(
+            "SELECT EXISTS(SELECT 1 FROM domains WHERE name = ?1)",
+            [&record.name],
+            |r| r.get(0),
+        )
+        .map_err(sql("look up domain"))?;
+    if taken {
+        return Err(Error::DomainExists {
+            name: record.name.clone(),
+        });
+    }
+    tx.execute(
+        "INSERT INTO domains (name, uuid, config, created, run_id, last_exit, last_exit_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            record.name,
+            record.uuid,
+            record.config_toml,
+            record.created,
+            record.run_id,
+            record.last_exit.map(LastExit::as_str),
+            record.last_exit_at
+        ],
+    )
+    .map_err(sql("insert domain"))?;
+    for chain in disks {
+        set_disk_chain(tx, &record.name, chain)?;
+    }
+    Ok(())
+}
+
+/// Reads one domain's row, `None` if it is not defined.
+pub fn load_domain(conn: &Connection, name: &str) -> Result<Option<DomainRecord>> {
+    let row = conn
+        .query_row(
+            "SELECT name, uuid, config, created, run_id, last_exit, last_exit_at FROM domains WHERE name = ?1",
+            [name],
+            |r| {
+                Ok((
+                    DomainRecord {
+                        name: r.get(0)?,
+                        uuid: r.get(1)?,
+                        config_toml: r.get(2)?,
+                        created: r.get(3)?,
+                        run_id: r.get(4)?,
+                        last_exit: None,
+                        last_exit_at: r.get(6)?,
+                    },
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(sql("read domain"))?;
+    let Some((mut record, last_exit)) = row else {
+        return Ok(None);
+    };
+    record.last_exit = last_exit.and_then(|text| text.parse().ok());
+    Ok(Some(record))
+}
+
+/// Names of all defined domains, sorted.
+pub fn domain_names(conn: &Connection) -> Result<Vec<String>> {
+    let mut stmt = conn
+        .prepare("SELECT name FROM domains ORDER BY name")
+        .map_err(sql("list domains"))?;
+    let names = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(sql("list domains"))?
+        .collect::<rusqlite::Result<Vec<String>>>()
+        .map_err(sql("list domains"))?;
+    Ok(names)
+}
+
+/// Removes a domain and (by cascade) its disk layers and any rows of other
+/// components that reference it with ON DELETE CASCADE. False if it did not exist.
+pub fn delete_domain(tx: &Transaction<'_>, name: &str) -> Result<bool> {
+    let n = tx
+        .execute("DELETE FROM domains WHERE name = ?1", [name])
+        .map_err(sql("delete domain"))?;
+    Ok(n > 0)
+}
+
+/// The disk chains of a domain in config order.
+pub fn disk_chains(conn: &Connection, domain: &str) -> Result<Vec<DiskChain>> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT target, path, format, node_name FROM disk_layers
+             WHERE domain = ?1 ORDER BY disk_index, target, depth",
+        )
+        .map_err(sql("read disk layers"))?;
+    let rows = stmt
+        .query_map([domain], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })
+        .map_err(sql("read disk layers"))?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(sql("read disk layers"))?;
+    let mut chains: Vec<DiskChain> = Vec::new();
+    for (target, path, format, node_name) in rows {
+        let format = DiskFormat::from_str(&format).map_err(|reason| Error::StoreContent {
+            path: PathBuf::new(),
+            reason: format!("domain '{domain}' disk {target}: {reason}"),
+        })?;
+        let layer = DiskLayer {
+            path: PathBuf::from(path),
+            format,
+            node_name,
+        };
+        match chains.last_mut() {
+            Some(chain) if chain.target == target => chain.layers.push(layer),
+            _ => chains.push(DiskChain {
+                target,
+                layers: vec![layer],
+            }),
+        }
+    }
+    Ok(chains)
+}
+
+/// Replaces the recorded chain of one disk (active layer first). The disk
+/// keeps its position among the domain's disks; a new target goes last.
+pub fn set_disk_chain(tx: &Transaction<'_>, domain: &str, chain: &DiskChain) -> Result<()> {
+    let index: Option<i64> = tx
+        .query_row(
+            "SELECT disk_index FROM disk_layers WHERE domain = ?1 AND target = ?2 LIMIT 1",
+            params![domain, chain.target],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql("read disk layers"))?;
+    let index = match index {
+        Some(index) => index,
+        None => tx
+            .query_row(
+                "SELECT COALESCE(MAX(disk_index) + 1, 0) FROM disk_layers WHERE domain = ?1",
+                [domain],
+                |r| r.get(0),
+            )
+            .map_err(sql("read disk layers"))?,
+    };
+    tx.execute(
+        "DELETE FROM disk_layers WHERE domain = ?1 AND target = ?2",
+        params![domain, chain.target],
+    )
+    .map_err(sql("replace disk layers"))?;
+    for (depth, layer) in chain.layers.iter().enumerate() {
+        let path = layer.path.to_str().ok_or_else(|| Error::StoreContent {
+            path: PathBuf::new(),
+            reason: format!(
+                "image path {} is not UTF-8; vmsnap needs UTF-8 paths",
+                layer.path.display()
+            ),
+        })?;
+        tx.execute(
+            "INSERT INTO disk_layers (domain, target, disk_index, depth, path, format, node_name)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                domain,
+                chain.target,
+                index,
+                depth as i64,
+                path,
+                layer.format.as_str(),
+                layer.node_name
+            ],
+        )
+        .map_err(sql("write disk layer"))?;
+    }
+    Ok(())
+}
+
+/// Gives the domain a new virsh-style Id for the run being started and clears
+/// its last exit. Ids grow across all domains, as libvirt's do.
+pub fn record_start(tx: &Transaction<'_>, domain: &str) -> Result<i64> {
+    let id: i64 = tx
+        .query_row(
+            "INSERT INTO counters (name, value) VALUES ('run_id', 1)
+             ON CONFLICT(name) DO UPDATE SET value = value + 1
+             RETURNING value",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql("allocate domain id"))?;
+    tx.execute(
+        "UPDATE domains SET run_id = ?2, last_exit = NULL, last_exit_at = NULL WHERE name = ?1",
+        params![domain, id],
+    )
+    .map_err(sql("record start"))?;
+    Ok(id)
+}
+
+/// Records how the domain's QEMU ended.
+pub fn record_exit(tx: &Transaction<'_>, domain: &str, exit: LastExit) -> Result<()> {
+    tx.execute(
+        "UPDATE domains SET last_exit = ?2, last_exit_at = ?3 WHERE name = ?1",
+        params![domain, exit.as_str(), now_unix()],
+    )
+    .map_err(sql("record exit"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn record(name: &str) -> DomainRecord {
+        DomainRecord {
+            name: name.into(),
+            uuid: format!("uuid-{name}"),
+            config_toml: "name = \"x\"\n".into(),
+            created: 1,
+            run_id: None,
+            last_exit: None,
+            last_exit_at: None,
+        }
+    }
+
+    #[test]
+    fn domains_and_chains_round_trip() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open_path(&tmp.path().join("db")).unwrap();
+        assert_eq!(store.schema_version(DOMAIN_COMPONENT).unwrap(), 1);
+        let vdb = DiskChain::single("vdb", "/img/b.raw".into(), DiskFormat::Raw);
+        let vda = DiskChain::single("vda", "/img/a.qcow2".into(), DiskFormat::Qcow2);
+        store
+            .transaction(|tx| insert_domain(tx, &record("demo"), &[vdb.clone(), vda.clone()]))
+            .unwrap();
+        let err = store
+            .transaction(|tx| insert_domain(tx, &record("demo"), &[]))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+
+        let loaded = store.read(|c| load_domain(c, "demo")).unwrap().unwrap();
+        assert_eq!(loaded, record("demo"));
+        assert_eq!(
+            store.read(|c| disk_chains(c, "demo")).unwrap(),
+            vec![vdb.clone(), vda.clone()]
+        );
+
+        let mut grown = vdb.clone();
+        grown.layers.insert(
+            0,
+            DiskLayer {
+                path: "/img/b-ov.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                node_name: "snap-1".into(),
+            },
+        );
+        store
+            .transaction(|tx| set_disk_chain(tx, "demo", &grown))
+            .unwrap();
+        assert_eq!(
+            store.read(|c| disk_chains(c, "demo")).unwrap(),
+            vec![grown, vda]
+        );
+
+        let first = store.transaction(|tx| record_start(tx, "demo")).unwrap();
+        store
+            .transaction(|tx| record_exit(tx, "demo", LastExit::Crashed))
+            .unwrap();
+        let loaded = store.read(|c| load_domain(c, "demo")).unwrap().unwrap();
+        assert_eq!(loaded.run_id, Some(first));
+        assert_eq!(loaded.last_exit, Some(LastExit::Crashed));
+        let second = store.transaction(|tx| record_start(tx, "demo")).unwrap();
+        assert_eq!(second, first + 1);
+        assert_eq!(
+            store
+                .read(|c| load_domain(c, "demo"))
+                .unwrap()
+                .unwrap()
+                .last_exit,
+            None
+        );
+
+        assert!(store.transaction(|tx| delete_domain(tx, "demo")).unwrap());
+        assert!(store.read(|c| disk_chains(c, "demo")).unwrap().is_empty());
+        assert!(store.read(domain_names).unwrap().is_empty());
+    }
+
+    #[test]
+    fn failed_transaction_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open_path(&tmp.path().join("db")).unwrap();
+        let err = store
+            .transaction(|tx| {
+                insert_domain(tx, &record("demo"), &[])?;
+                Err::<(), _>(Error::DomainNotFound {
+                    name: "boom".into(),
+                })
+            })
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert!(store.read(domain_names).unwrap().is_empty());
+    }
+
+    #[test]
+    fn component_migrations_apply_once_and_refuse_newer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        const V1: &[Migration] = &[Migration {
+            version: 1,
+            sql: "CREATE TABLE extra (x INTEGER);",
+        }];
+        const V2: &[Migration] = &[
+            Migration {
+                version: 1,
+                sql: "CREATE TABLE extra (x INTEGER);",
+            },
+            Migration {
+                version: 2,
+                sql: "ALTER TABLE extra ADD COLUMN y INTEGER;",
+            },
+        ];
+        {
+            let store = Store::open_path(&path).unwrap();
+            store.migrate("extra", V1).unwrap();
+            store.migrate("extra", V1).unwrap();
+            store.migrate("extra", V2).unwrap();
+            assert_eq!(store.schema_version("extra").unwrap(), 2);
+        }
+        let store = Store::open_path(&path).unwrap();
+        store
+            .read(|c| {
+                c.execute("INSERT INTO extra (x, y) VALUES (1, 2)", [])
+                    .map_err(sql("insert"))
+            })
+            .unwrap();
+        let err = store.migrate("extra", V1).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Store);
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn database_is_private_and_wal() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        let store = Store::open_path(&path).unwrap();
+        let mode: String = store
+            .read(|c| {
+                c.query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                    .map_err(sql("q"))
+            })
+            .unwrap();
+        assert_eq!(mode, "wal");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+}
