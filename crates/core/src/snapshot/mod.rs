@@ -9,6 +9,7 @@ pub mod name;
 pub mod orchestrate;
 pub mod render;
 pub mod tree;
+pub mod xlcfg;
 pub mod xml;
 
 pub use error::{SnapshotMetaError, SnapshotMetaErrorKind};
@@ -19,6 +20,7 @@ pub use name::validate_snapshot_name;
 pub use tree::{
     DeletePlan, DeleteScope, ListOutputOptions, ListQuery, Reparent, SnapshotTree, TreeEntry,
 };
+pub use xlcfg::{parse_snapshot_document, parse_xl_snapshot_config, SnapshotDocumentFormat};
 pub use xml::{
     parse_snapshot_xml, snapshot_to_xml, DiskRequest, DomainDiskSource, MemoryRequest,
     SnapshotDefinition,
