@@ -409,3 +409,35 @@ fn remove_if_exists(path: &Path) -> Result<(), Error> {
 fn opt_path(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_follows_the_contract() {
+        let builder = QemuGuest::builder("/run/x,y")
+            .disk("/img/a.qcow2", DiskFormat::Qcow2)
+            .disk("/img/b.raw", DiskFormat::Raw)
+            .incoming_defer();
+        let args = match builder.args() {
+            Ok(args) => args,
+            // Without a built guest there is no command line to check.
+            Err(Error::GuestNotBuilt { .. }) => return,
+            Err(other) => panic!("{other}"),
+        };
+        let line = args.join(" ");
+        assert!(
+            line.starts_with("-accel tcg -m 256 -nodefaults -display none"),
+            "{line}"
+        );
+        assert!(line.contains("-serial file:/run/x,,y/console.log -chardev socket,id=ctl,path=/run/x,,y/ctl.sock,server=on,wait=off -device isa-serial,chardev=ctl"), "{line}");
+        assert!(line.contains("-blockdev driver=file,filename=/img/a.qcow2,node-name=f0 -blockdev driver=qcow2,file=f0,node-name=d0 -device virtio-blk-pci,drive=d0,id=disk0"), "{line}");
+        assert!(line.contains("-blockdev driver=file,filename=/img/b.raw,node-name=f1 -blockdev driver=raw,file=f1,node-name=d1 -device virtio-blk-pci,drive=d1,id=disk1"), "{line}");
+        assert!(line.ends_with("-incoming defer"), "{line}");
+        assert_eq!(
+            args[args.iter().position(|a| a == "-append").unwrap() + 1],
+            GUEST_KERNEL_CMDLINE
+        );
+    }
+}

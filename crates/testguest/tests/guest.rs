@@ -96,8 +96,9 @@ fn writes_are_durable_in_the_host_image_and_checksums_read_the_disk() {
 
     // RAM value and counter.
     assert_eq!(guest.ram_value().unwrap(), "");
-    guest.set_ram_value("  two  spaces & $HOME *").unwrap();
-    assert_eq!(guest.ram_value().unwrap(), "  two  spaces & $HOME *");
+    let tricky = r"  two  spaces & $HOME * \n back\slash -n ünï";
+    guest.set_ram_value(tricky).unwrap();
+    assert_eq!(guest.ram_value().unwrap(), tricky);
     let first = guest.counter().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let second = guest.counter().unwrap();
@@ -114,7 +115,7 @@ fn writes_are_durable_in_the_host_image_and_checksums_read_the_disk() {
     drop(stray);
     let mut guest = vm.connect(BOOT_TIMEOUT).unwrap();
     assert_eq!(guest.boot_id(), boot_id);
-    assert_eq!(guest.ram_value().unwrap(), "  two  spaces & $HOME *");
+    assert_eq!(guest.ram_value().unwrap(), tricky);
 
     // Durable when the call returned: a SIGKILLed QEMU loses nothing.
     vm.kill().unwrap();
@@ -156,9 +157,25 @@ fn memory_save_and_restore_into_a_new_qemu_keeps_ram_disk_and_counter() {
 
     let mut qmp = Qmp::connect(&vm.qmp_socket());
     qmp.execute("stop", json!({}));
-    let uri = format!("exec:cat > {}", state.display());
+    // "completed" means QEMU closed the pipe, not that `cat` has written
+    // everything: the rename marks the moment the file is whole.
+    let partial = dir.path().join("memory.partial");
+    let uri = format!(
+        "exec:cat > {} && mv {} {}",
+        partial.display(),
+        partial.display(),
+        state.display()
+    );
     qmp.execute("migrate", json!({ "uri": uri }));
     qmp.wait_migration_completed(Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !state.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "memory state file never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let _ = qmp.try_execute("quit", json!({}));
     assert!(vm.wait_exit(Duration::from_secs(20)).unwrap().is_some());
     drop(vm);
