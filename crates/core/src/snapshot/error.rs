@@ -57,6 +57,9 @@ pub enum SnapshotMetaError {
         /// The domain asked about.
         domain: String,
     },
+    /// `--current` was given but no snapshot is current (libvirt's wording).
+    #[error("Domain snapshot not found: the domain does not have a current snapshot")]
+    CurrentNotSet,
     /// A snapshot has no parent but one was asked for (virsh's wording).
     #[error("snapshot '{name}' has no parent")]
     NoParent {
@@ -119,9 +122,10 @@ impl SnapshotMetaError {
             | Self::BadOptions(_)
             | Self::Xml(_)
             | Self::XlConfig { .. } => SnapshotMetaErrorKind::InvalidInput,
-            Self::NotFound { .. } | Self::NoCurrent { .. } | Self::NoParent { .. } => {
-                SnapshotMetaErrorKind::NotFound
-            }
+            Self::NotFound { .. }
+            | Self::NoCurrent { .. }
+            | Self::CurrentNotSet
+            | Self::NoParent { .. } => SnapshotMetaErrorKind::NotFound,
             Self::MissingParent { .. } | Self::Inconsistent { .. } => {
                 SnapshotMetaErrorKind::InvalidInput
             }

@@ -295,10 +295,9 @@ pub fn msg_children_deleted(name: &str) -> String {
     format!("Domain snapshot {name} children deleted\n{COMMAND_EPILOGUE}")
 }
 
-/// `snapshot-revert` output. virsh 9.0 prints nothing but the epilogue
-/// (the "reverted" line arrived in later releases).
-pub fn msg_reverted() -> String {
-    COMMAND_EPILOGUE.to_string()
+/// `snapshot-revert` success line.
+pub fn msg_reverted(name: &str) -> String {
+    format!("Domain snapshot {name} reverted\n{COMMAND_EPILOGUE}")
 }
 
 /// `snapshot-current DOM NAME` success line.
@@ -504,7 +503,7 @@ mod tests {
             "Domain snapshot s6 children deleted\n\n"
         );
         assert_eq!(msg_set_current("s1"), "Snapshot s1 set as current\n");
-        assert_eq!(msg_reverted(), "\n");
+        assert_eq!(msg_reverted("s3"), "Domain snapshot s3 reverted\n\n");
         assert_eq!(render_name("s8"), "s8\n");
         assert_eq!(
             render_error("domain 'test' has no current snapshot"),

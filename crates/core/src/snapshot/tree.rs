@@ -228,6 +228,46 @@ impl SnapshotTree {
             })
     }
 
+    /// Resolves virsh's `SNAPSHOT | --current` argument pair
+    /// (`virshLookupSnapshot`): exactly one must be given; `option` is the
+    /// argument's option name (`snapshotname`, `from`) for the messages.
+    pub fn resolve(
+        &self,
+        name: Option<&str>,
+        current: bool,
+        option: &str,
+    ) -> Result<&SnapshotMeta, SnapshotMetaError> {
+        match (name, current) {
+            (Some(_), true) => Err(SnapshotMetaError::BadOptions(format!(
+                "--{option} and --current are mutually exclusive"
+            ))),
+            (Some(n), false) => self.get(n),
+            (None, true) => self.current().ok_or(SnapshotMetaError::CurrentNotSet),
+            (None, false) => Err(SnapshotMetaError::BadOptions(format!(
+                "--{option} or --current is required"
+            ))),
+        }
+    }
+
+    /// The name `snapshot-current --name` prints, or virsh's error.
+    pub fn current_name(&self, domain: &str) -> Result<&str, SnapshotMetaError> {
+        self.current()
+            .map(|m| m.name.as_str())
+            .ok_or_else(|| SnapshotMetaError::NoCurrent {
+                domain: domain.to_string(),
+            })
+    }
+
+    /// The name `snapshot-parent` prints, or virsh's "has no parent" error.
+    pub fn parent_name(&self, name: &str) -> Result<&str, SnapshotMetaError> {
+        self.get(name)?
+            .parent
+            .as_deref()
+            .ok_or_else(|| SnapshotMetaError::NoParent {
+                name: name.to_string(),
+            })
+    }
+
     /// Whether a snapshot of that name exists.
     pub fn contains(&self, name: &str) -> bool {
         self.nodes.contains_key(name)
@@ -268,31 +308,34 @@ impl SnapshotTree {
         Ok(self.sorted(self.descendants_preorder(name).into_iter()))
     }
 
-    /// Descendants depth first, parents before children, siblings by
-    /// creation time then name.
+    /// Descendants depth first, parents before children, siblings newest
+    /// first: the order libvirt's `--topological` listing produces (it keeps
+    /// children newest first and walks them depth first).
     fn descendants_preorder(&self, name: &str) -> Vec<&SnapshotMeta> {
         let mut out = Vec::new();
-        let mut stack: Vec<&SnapshotMeta> = self.siblings_in_time_order(Some(name));
+        let mut stack: Vec<&SnapshotMeta> = self.children_newest_first(Some(name));
         stack.reverse();
         while let Some(node) = stack.pop() {
             out.push(node);
-            let mut kids = self.siblings_in_time_order(Some(&node.name));
+            let mut kids = self.children_newest_first(Some(&node.name));
             kids.reverse();
             stack.extend(kids);
         }
         out
     }
 
-    fn siblings_in_time_order(&self, parent: Option<&str>) -> Vec<&SnapshotMeta> {
+    /// Children of `parent` (roots for `None`), newest first; snapshots
+    /// taken in the same second fall back to reverse name order.
+    fn children_newest_first(&self, parent: Option<&str>) -> Vec<&SnapshotMeta> {
         let mut kids: Vec<&SnapshotMeta> = self
             .nodes
             .values()
             .filter(|m| m.parent.as_deref() == parent)
             .collect();
         kids.sort_by(|a, b| {
-            a.creation_time
-                .cmp(&b.creation_time)
-                .then_with(|| a.name.cmp(&b.name))
+            b.creation_time
+                .cmp(&a.creation_time)
+                .then_with(|| b.name.cmp(&a.name))
         });
         kids
     }
@@ -311,12 +354,12 @@ impl SnapshotTree {
         self.children_unchecked(name).next().is_none()
     }
 
-    /// Every snapshot with parents before children: roots in creation
-    /// order, each followed by its subtree depth first (virsh only
-    /// promises parents first; this order is also stable).
+    /// Every snapshot with parents before children, in libvirt's
+    /// `--topological` order: each root (newest first) followed by its
+    /// subtree depth first, children newest first.
     pub fn topological(&self) -> Vec<&SnapshotMeta> {
         let mut out = Vec::with_capacity(self.nodes.len());
-        for root in self.siblings_in_time_order(None) {
+        for root in self.children_newest_first(None) {
             out.push(root);
             out.extend(self.descendants_preorder(&root.name));
         }
@@ -338,7 +381,7 @@ impl SnapshotTree {
                 if query.descendants {
                     self.descendants_preorder(from)
                 } else {
-                    self.siblings_in_time_order(Some(from))
+                    self.children_newest_first(Some(from))
                 }
             }
             None => self.topological(),
@@ -496,7 +539,9 @@ impl SnapshotTree {
             removed.push(name.to_string());
         }
         if scope == DeleteScope::Node {
-            for child in self.siblings_in_time_order(Some(name)) {
+            let mut children = self.children_newest_first(Some(name));
+            children.sort_by(|a, b| name_order(&a.name, &b.name));
+            for child in children {
                 reparented.push(Reparent {
                     child: child.name.clone(),
                     new_parent: target.parent.clone(),
@@ -637,10 +682,11 @@ pub(crate) mod tests {
         );
         assert_eq!(tree.parent("s5").unwrap().unwrap().name, "s6");
         assert!(tree.parent("s1").unwrap().is_none());
-        // Topological: creation order among siblings, depth first.
+        // Topological: what virsh 9.0 printed for this script
+        // (`snapshot-list test --topological --name` on the test driver).
         assert_eq!(
             names(&tree.topological()),
-            ["s1", "s3", "s2", "s6", "s5", "s4", "s7", "s8"]
+            ["s1", "s7", "s8", "s3", "s6", "s4", "s5", "s2"]
         );
         let q = |f: fn(&mut ListQuery)| {
             let mut q = ListQuery::default();
@@ -673,11 +719,11 @@ pub(crate) mod tests {
                 q.descendants = true;
                 q.topological = true;
             }),
-            ["s2", "s6", "s5", "s4"]
+            ["s6", "s4", "s5", "s2"]
         );
         assert_eq!(
             q(|q| q.topological = true),
-            ["s1", "s3", "s2", "s6", "s5", "s4", "s7", "s8"]
+            ["s1", "s7", "s8", "s3", "s6", "s4", "s5", "s2"]
         );
         assert_eq!(
             q(|q| {
@@ -863,7 +909,7 @@ pub(crate) mod tests {
         let plan = tree
             .plan_delete("s6", DeleteScope::ChildrenOnly, false)
             .unwrap();
-        assert_eq!(plan.removed, ["s4", "s5"]);
+        assert_eq!(plan.removed, ["s5", "s4"]);
         assert!(plan.reparented.is_empty());
         assert_eq!(plan.current_after.as_deref(), Some("s6"));
         tree.apply_delete(&plan).unwrap();
@@ -1016,6 +1062,51 @@ pub(crate) mod tests {
             ..Default::default()
         };
         q.check_options(tree).unwrap();
+    }
+
+    #[test]
+    fn resolve_follows_virsh_lookup() {
+        let mut tree = fan_out();
+        assert_eq!(
+            tree.resolve(Some("s3"), false, "snapshotname")
+                .unwrap()
+                .name,
+            "s3"
+        );
+        assert_eq!(tree.resolve(None, true, "snapshotname").unwrap().name, "s8");
+        assert_eq!(
+            tree.resolve(Some("s3"), true, "from")
+                .unwrap_err()
+                .to_string(),
+            "--from and --current are mutually exclusive"
+        );
+        assert_eq!(
+            tree.resolve(None, false, "snapshotname")
+                .unwrap_err()
+                .to_string(),
+            "--snapshotname or --current is required"
+        );
+        assert_eq!(tree.current_name("test").unwrap(), "s8");
+        assert_eq!(tree.parent_name("s8").unwrap(), "s7");
+        assert_eq!(
+            tree.parent_name("s1").unwrap_err().to_string(),
+            "snapshot 's1' has no parent"
+        );
+        let plan = tree
+            .plan_delete("s1", DeleteScope::WithChildren, false)
+            .unwrap();
+        tree.apply_delete(&plan).unwrap();
+        assert!(tree.is_empty());
+        assert_eq!(
+            tree.resolve(None, true, "snapshotname")
+                .unwrap_err()
+                .to_string(),
+            "Domain snapshot not found: the domain does not have a current snapshot"
+        );
+        assert_eq!(
+            tree.current_name("test").unwrap_err().to_string(),
+            "domain 'test' has no current snapshot"
+        );
     }
 
     #[test]
