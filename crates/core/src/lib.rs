@@ -4,6 +4,7 @@
 pub mod cmdline;
 pub mod config;
 pub mod disk;
+pub mod domain;
 pub mod error;
 pub mod failpoint;
 pub mod lock;
@@ -11,5 +12,11 @@ pub mod snapshot;
 pub mod state;
 pub mod store;
 
+pub use cmdline::LaunchOptions;
 pub use config::{Accel, DiskConfig, DiskFormat, DomainConfig};
+pub use disk::{DiskChain, DiskLayer};
+pub use domain::{DiskStats, Domain, DomainState, Host, QemuProcess};
+pub use lock::{DomainLock, LockWait};
+pub use state::{DomainPaths, StateDir};
+pub use store::Store;
 pub use error::{Error, ErrorKind, Result};
