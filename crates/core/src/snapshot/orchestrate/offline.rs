@@ -1,0 +1,206 @@
+//! Image work for images no QEMU has open, through vmsnap's own qcow2 engine
+//! (overlay creation, internal snapshots, rebase), and the few facts about
+//! images open in a running QEMU that are asked of QEMU instead.
+
+use std::path::{Path, PathBuf};
+
+use vmsnap_qcow2::{
+    BackingFile, BackingPolicy, CreateOptions, ImageFormat, OpenOptions, Qcow2Image,
+};
+use vmsnap_qmp::Qmp;
+
+use super::error::{Result, SnapshotError};
+use super::model::Layer;
+use super::runtime::qmp_error;
+use crate::config::DiskFormat;
+
+fn image_error(path: &Path) -> impl FnOnce(vmsnap_qcow2::Error) -> SnapshotError {
+    let path = path.to_path_buf();
+    move |source| SnapshotError::Image {
+        path,
+        source: Box::new(source),
+    }
+}
+
+fn engine_format(format: DiskFormat) -> ImageFormat {
+    match format {
+        DiskFormat::Raw => ImageFormat::Raw,
+        DiskFormat::Qcow2 => ImageFormat::Qcow2,
+    }
+}
+
+fn open(path: &Path, writable: bool) -> Result<Qcow2Image> {
+    Qcow2Image::open(
+        path,
+        OpenOptions {
+            writable,
+            backing: BackingPolicy::Ignore,
+        },
+    )
+    .map_err(image_error(path))
+}
+
+fn utf8(path: &Path) -> Result<String> {
+    path.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| SnapshotError::Invalid(format!("path {} is not UTF-8", path.display())))
+}
+
+/// The guest-visible size of a layer.
+pub fn virtual_size(layer: &Layer) -> Result<u64> {
+    match layer.format {
+        DiskFormat::Raw => std::fs::metadata(&layer.file)
+            .map(|m| m.len())
+            .map_err(|source| SnapshotError::Io {
+                action: "cannot read the size of".into(),
+                path: layer.file.clone(),
+                source,
+            }),
+        DiskFormat::Qcow2 => Ok(open(&layer.file, false)?.size()),
+    }
+}
+
+/// The guest-visible size of the image behind a running QEMU's node.
+pub async fn live_virtual_size(domain: &str, qmp: &Qmp, node: &str) -> Result<u64> {
+    let nodes = qmp
+        .query_named_block_nodes()
+        .await
+        .map_err(qmp_error(domain, "query-named-block-nodes"))?;
+    nodes
+        .iter()
+        .find(|n| n.node_name == node)
+        .and_then(|n| n.image.as_ref().map(|i| i.virtual_size))
+        .ok_or_else(|| {
+            SnapshotError::Conflict(format!("QEMU of domain {domain} has no block node {node}"))
+        })
+}
+
+/// Creates a qcow2 overlay of `size` bytes whose header names `backing`
+/// (path and format). The backing image is not opened, so this works while a
+/// running QEMU writes to it; the overlay is private (0600).
+pub fn create_overlay(path: &Path, backing: &Layer, size: u64) -> Result<()> {
+    if path.exists() {
+        return Err(SnapshotError::FileExists {
+            what: "overlay".into(),
+            path: path.to_path_buf(),
+        });
+    }
+    let options = CreateOptions {
+        size,
+        ..CreateOptions::default()
+    };
+    vmsnap_qcow2::create(path, ImageFormat::Qcow2, &options).map_err(image_error(path))?;
+    set_private(path)?;
+    let header_backing = BackingFile {
+        path: utf8(&backing.file)?,
+        format: engine_format(backing.format),
+    };
+    vmsnap_qcow2::rebase(path, Some(header_backing), true).map_err(image_error(path))
+}
+
+/// Whether `image` holds an internal snapshot named `tag`.
+pub fn has_tag(image: &Path, tag: &str) -> Result<bool> {
+    Ok(open(image, false)?
+        .snapshots()
+        .iter()
+        .any(|s| s.name == tag))
+}
+
+/// Whether the image behind a running QEMU's node holds snapshot `tag`.
+pub async fn live_has_tag(domain: &str, qmp: &Qmp, node: &str, tag: &str) -> Result<bool> {
+    let nodes = qmp
+        .query_named_block_nodes()
+        .await
+        .map_err(qmp_error(domain, "query-named-block-nodes"))?;
+    Ok(nodes
+        .iter()
+        .find(|n| n.node_name == node)
+        .and_then(|n| n.image.as_ref())
+        .and_then(|i| i.snapshots.as_ref())
+        .is_some_and(|snaps| snaps.iter().any(|s| s.name == tag)))
+}
+
+/// Creates a disk-only internal snapshot `tag` in a closed image.
+pub fn create_tag(image: &Path, tag: &str) -> Result<()> {
+    let mut img = open(image, true)?;
+    img.create_snapshot(tag).map_err(image_error(image))?;
+    img.flush().map_err(image_error(image))
+}
+
+/// Deletes internal snapshot `tag` from a closed image, if it is there.
+pub fn delete_tag_if_present(image: &Path, tag: &str) -> Result<()> {
+    let mut img = open(image, true)?;
+    if img.snapshots().iter().any(|s| s.name == tag) {
+        img.delete_snapshot(tag).map_err(image_error(image))?;
+        img.flush().map_err(image_error(image))?;
+    }
+    Ok(())
+}
+
+/// Deletes every internal snapshot but `keep` from a closed image (a clone's
+/// copies of snapshots whose records name the original).
+pub fn delete_tags_except(image: &Path, keep: &str) -> Result<()> {
+    let mut img = open(image, true)?;
+    let doomed: Vec<String> = img
+        .snapshots()
+        .iter()
+        .filter(|s| s.name != keep)
+        .map(|s| s.id.clone())
+        .collect();
+    for id in doomed {
+        img.delete_snapshot(&id).map_err(image_error(image))?;
+    }
+    img.flush().map_err(image_error(image))
+}
+
+/// Makes internal snapshot `tag` the live content of a closed image.
+pub fn apply_tag(image: &Path, tag: &str) -> Result<()> {
+    let mut img = open(image, true)?;
+    img.apply_snapshot(tag).map_err(image_error(image))?;
+    img.flush().map_err(image_error(image))
+}
+
+/// Copies an image (to make a writable copy of one whose live content other
+/// snapshots still need); the copy is private (0600).
+pub fn clone_image(from: &Path, to: &Path) -> Result<()> {
+    if to.exists() {
+        return Err(SnapshotError::FileExists {
+            what: "image copy".into(),
+            path: to.to_path_buf(),
+        });
+    }
+    std::fs::copy(from, to).map_err(|source| SnapshotError::Io {
+        action: format!("cannot copy {} to", from.display()),
+        path: to.to_path_buf(),
+        source,
+    })?;
+    set_private(to)
+}
+
+/// Pulls `frozen`'s data into `child` (whose backing it is) and makes `base`
+/// the child's backing, so `frozen` can go: a safe rebase by the engine.
+pub fn rebase(child: &Layer, frozen: &Layer, base: &Layer) -> Result<()> {
+    // The safe rebase reads the old chain from the child's header: point it
+    // at the recorded frozen image first, so only configured files are read.
+    let old = BackingFile {
+        path: utf8(&frozen.file)?,
+        format: engine_format(frozen.format),
+    };
+    vmsnap_qcow2::rebase(&child.file, Some(old), true).map_err(image_error(&child.file))?;
+    let new = BackingFile {
+        path: utf8(&base.file)?,
+        format: engine_format(base.format),
+    };
+    vmsnap_qcow2::rebase(&child.file, Some(new), false).map_err(image_error(&child.file))
+}
+
+fn set_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        SnapshotError::Io {
+            action: "cannot make private".into(),
+            path: PathBuf::from(path),
+            source,
+        }
+    })
+}

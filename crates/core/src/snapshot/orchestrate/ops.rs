@@ -1,0 +1,1909 @@
+//! The snapshot operations: create, revert, delete, redefine, and the
+//! recovery and clean-up every command runs first and last. Each holds the
+//! domain lock for its whole run, journals its steps, and commits its records
+//! in one transaction (see the module docs).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmsnap_qmp::{Qmp, RunState as QemuRunState};
+
+use super::error::{Result, SnapshotError};
+use super::model::{
+    chain_of, chains_of, disk_chain_of, node_name_for, Chain, DiskCapture, Layer, SnapshotStorage,
+};
+use super::offline;
+use super::plan::{live_content_needed, needed_files, plan_merge, without_layer, Merge};
+use super::runtime::{connect_if_running, launch, qmp_error, shell_quote, stop_qemu};
+use super::spec::{DiskSpec, MemSpec};
+use super::store::{Change, Intent, Operation, SnapshotStore, StoredSnapshot};
+use crate::cmdline::LaunchOptions;
+use crate::config::{DiskFormat, DomainConfig};
+use crate::disk::{file_node_name, DiskChain};
+use crate::lock::{DomainLock, LockWait};
+use crate::snapshot::meta::{
+    DiskSnapshotMode, DiskSnapshotRecord, MemorySnapshot, SnapshotKind, SnapshotMeta, SnapshotState,
+};
+use crate::snapshot::name::validate_snapshot_name;
+use crate::snapshot::tree::{DeleteScope, SnapshotTree};
+use crate::state::{DomainPaths, StateDir};
+use crate::store::Store;
+
+/// How long a snapshot-save/-load/-delete job or a memory save may take.
+const JOB_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A step's progress, for callers that draw progress bars (the core never prints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress<'a> {
+    /// What is being done ("saving memory", "loading memory", "merging vda").
+    pub step: &'a str,
+    /// Units done so far (bytes where known).
+    pub done: u64,
+    /// Units in total (0 when unknown).
+    pub total: u64,
+}
+
+/// A progress callback.
+pub type ProgressFn<'a> = &'a (dyn Fn(Progress<'_>) + Sync);
+
+/// What `snapshot-create-as` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    /// The name; a timestamp (as virsh uses) when absent.
+    pub name: Option<String>,
+    /// Free text.
+    pub description: Option<String>,
+    /// `--disk-only`: no memory.
+    pub disk_only: bool,
+    /// `--memspec`.
+    pub memspec: Option<MemSpec>,
+    /// `--diskspec`, one per disk named.
+    pub diskspecs: Vec<DiskSpec>,
+    /// `--external`: external snapshot with files named by vmsnap.
+    pub external: bool,
+}
+
+/// What a created snapshot turned out to be.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CreateOutcome {
+    /// The snapshot's name.
+    pub name: String,
+    /// Its kind.
+    pub kind: SnapshotKind,
+    /// How long the guest's vCPUs were stopped (QMP STOP to RESUME), when it ran.
+    pub pause_ms: Option<f64>,
+    /// Whether memory was saved with the guest running (background snapshot).
+    pub background: bool,
+    /// Notes for the user (e.g. the paused-save fallback).
+    pub notes: Vec<String>,
+}
+
+/// Run state a revert leaves the guest in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RevertMode {
+    /// The state the snapshot recorded.
+    #[default]
+    AsRecorded,
+    /// `--running`.
+    Running,
+    /// `--paused`.
+    Paused,
+}
+
+/// A domain loaded and locked for one operation.
+struct Domain {
+    name: String,
+    config: DomainConfig,
+    paths: DomainPaths,
+    _lock: DomainLock,
+}
+
+/// Snapshot operations over one state directory.
+pub struct Orchestrator<'a> {
+    state: &'a StateDir,
+    snaps: SnapshotStore<'a>,
+}
+
+fn io_error(action: &str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let action = action.to_string();
+    let path = path.to_path_buf();
+    move |source| SnapshotError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+fn now_unix() -> i64 {
+    crate::store::now_unix()
+}
+
+fn event_ms(event: &vmsnap_qmp::Event) -> f64 {
+    event.timestamp.seconds as f64 * 1000.0 + event.timestamp.microseconds as f64 / 1000.0
+}
+
+impl<'a> Orchestrator<'a> {
+    /// Snapshot operations on `store` (the domain store of `state`).
+    pub fn new(state: &'a StateDir, store: &'a Store) -> Result<Orchestrator<'a>> {
+        Ok(Orchestrator {
+            state,
+            snaps: SnapshotStore::new(store)?,
+        })
+    }
+
+    /// The snapshot tables.
+    pub fn snapshots(&self) -> &SnapshotStore<'a> {
+        &self.snaps
+    }
+
+    fn store(&self) -> &Store {
+        self.snaps.store()
+    }
+
+    fn config(&self, domain: &str) -> Result<DomainConfig> {
+        let record = self
+            .store()
+            .read(|conn| crate::store::load_domain(conn, domain))?
+            .ok_or_else(|| crate::Error::DomainNotFound {
+                name: domain.to_string(),
+            })?;
+        let origin = PathBuf::from(format!("(stored config of domain '{domain}')"));
+        Ok(DomainConfig::parse(
+            &record.config_toml,
+            &origin,
+            Path::new("/"),
+        )?)
+    }
+
+    fn lock(&self, domain: &str) -> Result<Domain> {
+        let config = self.config(domain)?;
+        let paths = self.state.domain_paths(domain);
+        paths.create()?;
+        let lock = DomainLock::acquire(domain, &paths, LockWait::Fail)?;
+        Ok(Domain {
+            name: domain.to_string(),
+            config,
+            paths,
+            _lock: lock,
+        })
+    }
+
+    /// The domain's snapshot tree (for listing and queries), after checking it exists.
+    pub fn tree(&self, domain: &str) -> Result<SnapshotTree> {
+        self.config(domain)?;
+        let metas = self
+            .snaps
+            .snapshots(domain)?
+            .into_iter()
+            .map(|s| s.meta)
+            .collect();
+        SnapshotTree::new(metas).map_err(|e| SnapshotError::Invalid(e.to_string()))
+    }
+
+    /// One stored snapshot or [`SnapshotError::UnknownSnapshot`].
+    pub fn get(&self, domain: &str, name: &str) -> Result<StoredSnapshot> {
+        self.config(domain)?;
+        self.snaps
+            .snapshots(domain)?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| SnapshotError::UnknownSnapshot {
+                domain: domain.to_string(),
+                name: name.to_string(),
+            })
+    }
+
+    /// Finishes or rolls back what a killed vmsnap left on `domain` and
+    /// removes files nothing needs; returns what it did, one line each.
+    pub async fn recover(&self, domain: &str) -> Result<Vec<String>> {
+        let dom = self.lock(domain)?;
+        self.recover_locked(&dom).await
+    }
+
+    async fn recover_locked(&self, dom: &Domain) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        let intents = self.snaps.open_intents(&dom.name)?;
+        let qmp = connect_if_running(&dom.name, &dom.paths).await?;
+        if let Some(qmp) = &qmp {
+            if !intents.is_empty() {
+                self.adopt_live_chains(dom, qmp, &mut notes).await?;
+            }
+        }
+        for open in intents {
+            let intent = &open.intent;
+            let mut remaining = Vec::new();
+            let tags = if intent.committed {
+                &intent.doomed_tags
+            } else {
+                &intent.new_tags
+            };
+            for (image, tag) in tags {
+                if let Err(err) = self.delete_tag(dom, qmp.as_ref(), image, tag).await {
+                    remaining.push((image.clone(), tag.clone(), err.to_string()));
+                }
+            }
+            if intent.paused_guest {
+                if let Some(qmp) = &qmp {
+                    let status = qmp
+                        .query_status()
+                        .await
+                        .map_err(qmp_error(&dom.name, "query-status"))?;
+                    if !status.running {
+                        qmp.cont().await.map_err(qmp_error(&dom.name, "cont"))?;
+                        notes.push(format!(
+                            "resumed the guest paused by an interrupted {}",
+                            intent.op.as_str()
+                        ));
+                    }
+                }
+            }
+            if remaining.is_empty() {
+                self.snaps.close(open.id)?;
+                notes.push(format!(
+                    "{} the interrupted {} of snapshot '{}'",
+                    if intent.committed {
+                        "finished"
+                    } else {
+                        "rolled back"
+                    },
+                    intent.op.as_str(),
+                    intent.snapshot
+                ));
+            } else {
+                let mut left = intent.clone();
+                left.committed = true;
+                left.doomed_tags = remaining
+                    .iter()
+                    .map(|(i, t, _)| (i.clone(), t.clone()))
+                    .collect();
+                left.new_tags.clear();
+                left.paused_guest = false;
+                self.snaps.step(open.id, &left)?;
+            }
+        }
+        if let Some(qmp) = qmp {
+            qmp.close().await;
+        }
+        notes.extend(self.collect_garbage(dom)?);
+        Ok(notes)
+    }
+
+    /// Records the chains QEMU really runs on where they differ from the records.
+    async fn adopt_live_chains(
+        &self,
+        dom: &Domain,
+        qmp: &Qmp,
+        notes: &mut Vec<String>,
+    ) -> Result<()> {
+        let recorded = self.snaps.chains(&dom.name)?;
+        let live = super::runtime::live_chains(&dom.name, qmp).await?;
+        let mut change = Change::default();
+        for disk in &recorded {
+            let Some((_, layers)) = live.iter().find(|(t, _)| t == &disk.target) else {
+                continue;
+            };
+            let paths: Vec<&PathBuf> = layers.iter().map(|(_, p)| p).collect();
+            let recorded_paths: Vec<&PathBuf> = disk.layers.iter().map(|l| &l.path).collect();
+            if paths == recorded_paths {
+                continue;
+            }
+            let layers = layers
+                .iter()
+                .map(|(node, path)| {
+                    let known = disk.layers.iter().find(|l| &l.path == path);
+                    crate::disk::DiskLayer {
+                        path: path.clone(),
+                        format: known.map(|l| l.format).unwrap_or(DiskFormat::Qcow2),
+                        node_name: node.clone(),
+                    }
+                })
+                .collect();
+            change.chains.push(DiskChain {
+                target: disk.target.clone(),
+                layers,
+            });
+            notes.push(format!(
+                "disk {} runs on the images QEMU has open; recorded them",
+                disk.target
+            ));
+        }
+        if !change.chains.is_empty() {
+            self.snaps.apply(&dom.name, &change)?;
+        }
+        Ok(())
+    }
+
+    /// Removes files vmsnap made that neither the current state nor any
+    /// snapshot needs; only once no operation is half done.
+    fn collect_garbage(&self, dom: &Domain) -> Result<Vec<String>> {
+        let intents = self.snaps.open_intents(&dom.name)?;
+        if intents.iter().any(|open| !open.intent.committed) {
+            return Ok(Vec::new());
+        }
+        let current = chains_of(&self.snaps.chains(&dom.name)?);
+        let snapshots = self.snaps.snapshots(&dom.name)?;
+        let mut needed = needed_files(&current, &snapshots);
+        needed.extend(dom.config.disks.iter().map(|d| d.file.clone()));
+        let mut removed = Vec::new();
+        let mut notes = Vec::new();
+        for file in self.snaps.owned_files(&dom.name)? {
+            if needed.contains(&file) {
+                continue;
+            }
+            match std::fs::remove_file(&file) {
+                Ok(()) => removed.push(file),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => removed.push(file),
+                Err(err) => notes.push(format!("cannot remove unused {}: {err}", file.display())),
+            }
+        }
+        self.snaps.disown(&dom.name, &removed)?;
+        Ok(notes)
+    }
+
+    async fn delete_tag(
+        &self,
+        dom: &Domain,
+        qmp: Option<&Qmp>,
+        image: &Path,
+        tag: &str,
+    ) -> Result<()> {
+        if !image.exists() {
+            return Ok(());
+        }
+        if let Some(qmp) = qmp {
+            let chains = self.snaps.chains(&dom.name)?;
+            if let Some(layer) = chains
+                .iter()
+                .filter_map(|c| c.active())
+                .find(|l| l.path == image)
+            {
+                let present = offline::live_has_tag(&dom.name, qmp, &layer.node_name, tag).await?;
+                if present {
+                    qmp.execute(
+                        "blockdev-snapshot-delete-internal-sync",
+                        Some(json!({"device": layer.node_name, "name": tag})),
+                    )
+                    .await
+                    .map_err(qmp_error(
+                        &dom.name,
+                        "blockdev-snapshot-delete-internal-sync",
+                    ))?;
+                }
+                return Ok(());
+            }
+        }
+        offline::delete_tag_if_present(image, tag)
+    }
+
+    /// `snapshot-create-as`.
+    pub async fn create(
+        &self,
+        domain: &str,
+        request: &CreateRequest,
+        progress: ProgressFn<'_>,
+    ) -> Result<CreateOutcome> {
+        let dom = self.lock(domain)?;
+        self.recover_locked(&dom).await?;
+        let name = match &request.name {
+            Some(name) => name.clone(),
+            None => now_unix().to_string(),
+        };
+        validate_snapshot_name(&name).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+        let snapshots = self.snaps.snapshots(domain)?;
+        if snapshots.iter().any(|s| s.name == name) {
+            return Err(SnapshotError::DuplicateName {
+                domain: domain.to_string(),
+                name,
+            });
+        }
+        let qmp = connect_if_running(domain, &dom.paths).await?;
+        let running_state = match &qmp {
+            Some(qmp) => {
+                let status = qmp
+                    .query_status()
+                    .await
+                    .map_err(qmp_error(domain, "query-status"))?;
+                Some(status.running)
+            }
+            None => None,
+        };
+        let chains = self.snaps.chains(domain)?;
+        let plan = self.plan_create(&dom, &name, request, &chains, running_state)?;
+        let parent = self.snaps.current(domain)?;
+        let mut meta = SnapshotMeta {
+            name: name.clone(),
+            domain: domain.to_string(),
+            description: request.description.clone(),
+            parent,
+            creation_time: now_unix(),
+            state: SnapshotState::Shutoff,
+            memory: MemorySnapshot::None,
+            disks: Vec::new(),
+            domain_config: dom.config.to_toml(),
+            is_current: false,
+        };
+        let outcome = match plan {
+            CreatePlan::Internal { disks, memory } => {
+                self.create_internal(
+                    &dom,
+                    qmp.as_ref(),
+                    &mut meta,
+                    &chains,
+                    &disks,
+                    memory,
+                    running_state,
+                    progress,
+                )
+                .await?
+            }
+            CreatePlan::External { disks, memory_file } => {
+                self.create_external(
+                    &dom,
+                    qmp.as_ref(),
+                    &mut meta,
+                    &chains,
+                    &disks,
+                    memory_file,
+                    running_state,
+                    progress,
+                )
+                .await?
+            }
+        };
+        if let Some(qmp) = qmp {
+            qmp.close().await;
+        }
+        self.collect_garbage(&dom)?;
+        Ok(outcome)
+    }
+
+    fn plan_create(
+        &self,
+        dom: &Domain,
+        name: &str,
+        request: &CreateRequest,
+        chains: &[DiskChain],
+        running: Option<bool>,
+    ) -> Result<CreatePlan> {
+        let live = running.is_some();
+        for spec in &request.diskspecs {
+            if !chains.iter().any(|c| c.target == spec.target) {
+                return Err(SnapshotError::Invalid(format!(
+                    "domain {} has no disk {} (--diskspec): see `vmsnap domblklist {}`",
+                    dom.name, spec.target, dom.name
+                )));
+            }
+        }
+        let mem_mode = request.memspec.as_ref().map(|m| m.mode);
+        let any_external_disk = request
+            .diskspecs
+            .iter()
+            .any(|d| d.mode == Some(DiskSnapshotMode::External));
+        let any_internal_disk = request
+            .diskspecs
+            .iter()
+            .any(|d| d.mode == Some(DiskSnapshotMode::Internal));
+        let external = request.external
+            || mem_mode == Some(DiskSnapshotMode::External)
+            || any_external_disk
+            || (request.disk_only && !any_internal_disk && live);
+        let want_memory = !request.disk_only && mem_mode != Some(DiskSnapshotMode::No) && live;
+        if !live && mem_mode.is_some_and(|m| m != DiskSnapshotMode::No) {
+            return Err(SnapshotError::Unsupported(format!(
+                "domain {} is not running: there is no memory to save; drop --memspec or start it",
+                dom.name
+            )));
+        }
+        if external && (any_internal_disk || mem_mode == Some(DiskSnapshotMode::Internal)) {
+            return Err(SnapshotError::Unsupported(
+                "a snapshot is either internal or external: do not mix snapshot=internal with external disks or memory"
+                    .into(),
+            ));
+        }
+        let mode_of = |target: &str| -> DiskSnapshotMode {
+            request
+                .diskspecs
+                .iter()
+                .find(|d| d.target == target)
+                .and_then(|d| d.mode)
+                .unwrap_or(if external {
+                    DiskSnapshotMode::External
+                } else {
+                    DiskSnapshotMode::Internal
+                })
+        };
+        if !external {
+            let mut disks = Vec::new();
+            for chain in chains {
+                if mode_of(&chain.target) == DiskSnapshotMode::No {
+                    continue;
+                }
+                let active = chain.active().expect("recorded chains are never empty");
+                if active.format != DiskFormat::Qcow2 {
+                    return Err(SnapshotError::InternalNeedsQcow2 {
+                        domain: dom.name.clone(),
+                        disk: chain.target.clone(),
+                        format: active.format.as_str().into(),
+                        file: active.path.clone(),
+                    });
+                }
+                disks.push(chain.target.clone());
+            }
+            if disks.is_empty() {
+                return Err(SnapshotError::Invalid(
+                    "no disk is left in the snapshot".into(),
+                ));
+            }
+            return Ok(CreatePlan::Internal {
+                disks,
+                memory: want_memory,
+            });
+        }
+        let snapshot_dir = dom.paths.dir.join("snapshots");
+        let mut disks = Vec::new();
+        let mut taken = BTreeSet::new();
+        for chain in chains {
+            if mode_of(&chain.target) == DiskSnapshotMode::No {
+                continue;
+            }
+            let explicit = request
+                .diskspecs
+                .iter()
+                .find(|d| d.target == chain.target)
+                .and_then(|d| d.file.clone());
+            let file = match explicit {
+                Some(file) => {
+                    if file.exists() || taken.contains(&file) {
+                        return Err(SnapshotError::FileExists {
+                            what: format!("overlay for disk {}", chain.target),
+                            path: file,
+                        });
+                    }
+                    file
+                }
+                None => unique_file(
+                    &snapshot_dir,
+                    &format!("{}.{name}", chain.target),
+                    "qcow2",
+                    &taken,
+                ),
+            };
+            taken.insert(file.clone());
+            disks.push((chain.target.clone(), file));
+        }
+        if disks.is_empty() {
+            return Err(SnapshotError::Invalid(
+                "no disk is left in the snapshot".into(),
+            ));
+        }
+        let memory_file = if want_memory {
+            match request.memspec.as_ref().and_then(|m| m.file.clone()) {
+                Some(file) => {
+                    if file.exists() || taken.contains(&file) {
+                        return Err(SnapshotError::FileExists {
+                            what: "memory image".into(),
+                            path: file,
+                        });
+                    }
+                    Some(file)
+                }
+                None => Some(unique_file(&snapshot_dir, name, "mem", &taken)),
+            }
+        } else {
+            None
+        };
+        Ok(CreatePlan::External { disks, memory_file })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_internal(
+        &self,
+        dom: &Domain,
+        qmp: Option<&Qmp>,
+        meta: &mut SnapshotMeta,
+        chains: &[DiskChain],
+        disks: &[String],
+        memory: bool,
+        running: Option<bool>,
+        progress: ProgressFn<'_>,
+    ) -> Result<CreateOutcome> {
+        let name = meta.name.clone();
+        let mut intent = Intent::new(Operation::Create, &name);
+        let mut storage = SnapshotStorage::default();
+        let mut node_names = Vec::new();
+        for chain in chains {
+            let active = chain.active().expect("recorded chains are never empty");
+            let included = disks.contains(&chain.target);
+            if included {
+                intent.new_tags.push((active.path.clone(), name.clone()));
+                node_names.push(active.node_name.clone());
+                storage.disks.insert(
+                    chain.target.clone(),
+                    DiskCapture::Internal {
+                        chain: chain_of(chain),
+                        tag: name.clone(),
+                    },
+                );
+            } else {
+                storage
+                    .disks
+                    .insert(chain.target.clone(), DiskCapture::Excluded);
+            }
+            meta.disks.push(DiskSnapshotRecord {
+                target: chain.target.clone(),
+                mode: if included {
+                    DiskSnapshotMode::Internal
+                } else {
+                    DiskSnapshotMode::No
+                },
+                source: active.path.clone(),
+                source_format: active.format.as_str().into(),
+                overlay: None,
+                overlay_format: None,
+            });
+        }
+        // A tag left in an image by someone else would make QEMU refuse or,
+        // offline, shadow ours: refuse before touching anything.
+        for (image, tag) in &intent.new_tags {
+            let present = match qmp {
+                Some(qmp) => {
+                    let node = chains
+                        .iter()
+                        .filter_map(|c| c.active())
+                        .find(|l| &l.path == image)
+                        .map(|l| l.node_name.clone())
+                        .unwrap_or_default();
+                    offline::live_has_tag(&dom.name, qmp, &node, tag).await?
+                }
+                None => offline::has_tag(image, tag)?,
+            };
+            if present {
+                return Err(SnapshotError::Conflict(format!(
+                    "image {} already holds an internal snapshot named '{tag}' that vmsnap did not record: \
+                     remove it (vmsnap img snapshot -d) or choose another name",
+                    image.display()
+                )));
+            }
+        }
+        let id = self.snaps.begin(&dom.name, &intent)?;
+        let mut pause_ms = None;
+        match qmp {
+            Some(qmp) if memory => {
+                let vmstate = node_names[0].clone();
+                let mut events = qmp.events();
+                progress(Progress {
+                    step: "saving memory and disks",
+                    done: 0,
+                    total: 0,
+                });
+                intent.step = "snapshot-save".into();
+                self.snaps.step(id, &intent)?;
+                let job = format!("vmsnap-save-{}", now_unix());
+                qmp.execute(
+                    "snapshot-save",
+                    Some(json!({"job-id": job, "tag": name, "vmstate": vmstate, "devices": node_names})),
+                )
+                .await
+                .map_err(qmp_error(&dom.name, "snapshot-save"))?;
+                qmp.wait_job(&job, JOB_TIMEOUT)
+                    .await
+                    .map_err(qmp_error(&dom.name, "snapshot-save"))?;
+                progress(Progress {
+                    step: "saving memory and disks",
+                    done: 1,
+                    total: 1,
+                });
+                pause_ms = pause_from_events(&mut events);
+                meta.state = if running == Some(true) {
+                    SnapshotState::Running
+                } else {
+                    SnapshotState::Paused
+                };
+                meta.memory = MemorySnapshot::Internal {
+                    vmstate_disk: disks[0].clone(),
+                };
+            }
+            Some(qmp) => {
+                intent.step = "transaction blockdev-snapshot-internal-sync".into();
+                self.snaps.step(id, &intent)?;
+                let actions: Vec<Value> = node_names
+                    .iter()
+                    .map(|node| {
+                        json!({"type": "blockdev-snapshot-internal-sync",
+                               "data": {"device": node, "name": name}})
+                    })
+                    .collect();
+                qmp.execute("transaction", Some(json!({"actions": actions})))
+                    .await
+                    .map_err(qmp_error(&dom.name, "transaction"))?;
+                meta.state = SnapshotState::DiskSnapshot;
+            }
+            None => {
+                intent.step = "create internal snapshots offline".into();
+                self.snaps.step(id, &intent)?;
+                for (image, tag) in &intent.new_tags {
+                    offline::create_tag(image, tag)?;
+                }
+                meta.state = SnapshotState::Shutoff;
+            }
+        }
+        meta.validate()
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+        let change = Change {
+            put: vec![(meta.clone(), storage)],
+            current: Some(Some(name.clone())),
+            ..Change::default()
+        };
+        self.snaps.commit(&dom.name, id, &change, None)?;
+        Ok(CreateOutcome {
+            name,
+            kind: meta.kind(),
+            pause_ms,
+            background: false,
+            notes: Vec::new(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_external(
+        &self,
+        dom: &Domain,
+        qmp: Option<&Qmp>,
+        meta: &mut SnapshotMeta,
+        chains: &[DiskChain],
+        disks: &[(String, PathBuf)],
+        memory_file: Option<PathBuf>,
+        running: Option<bool>,
+        progress: ProgressFn<'_>,
+    ) -> Result<CreateOutcome> {
+        let name = meta.name.clone();
+        let mut files: Vec<PathBuf> = disks.iter().map(|(_, f)| f.clone()).collect();
+        files.extend(memory_file.clone());
+        let mut intent = Intent::new(Operation::Create, &name);
+        self.snaps.own(&dom.name, &files)?;
+        let id = self.snaps.begin(&dom.name, &intent)?;
+        let result = self
+            .create_external_steps(
+                dom,
+                qmp,
+                meta,
+                chains,
+                disks,
+                memory_file.as_deref(),
+                running,
+                progress,
+                id,
+                &mut intent,
+            )
+            .await;
+        match result {
+            Ok((storage, new_chains, outcome)) => {
+                let change = Change {
+                    put: vec![(meta.clone(), storage)],
+                    current: Some(Some(name)),
+                    chains: new_chains,
+                    ..Change::default()
+                };
+                self.snaps.commit(&dom.name, id, &change, None)?;
+                Ok(outcome)
+            }
+            Err(err) => {
+                // Undo what can be undone; the overlays and memory image are
+                // removed by the garbage collection unless QEMU writes to them.
+                if intent.paused_guest {
+                    if let Some(qmp) = qmp {
+                        let _ = qmp.cont().await;
+                    }
+                }
+                if let Some(qmp) = qmp {
+                    let mut notes = Vec::new();
+                    let _ = self.adopt_live_chains(dom, qmp, &mut notes).await;
+                    for (target, file) in disks {
+                        let node = node_name_for(target, file);
+                        let in_use = self
+                            .snaps
+                            .chains(&dom.name)?
+                            .iter()
+                            .any(|c| c.layers.iter().any(|l| &l.path == file));
+                        if !in_use {
+                            let _ = qmp
+                                .execute("blockdev-del", Some(json!({"node-name": node})))
+                                .await;
+                            let _ = qmp
+                                .execute(
+                                    "blockdev-del",
+                                    Some(json!({"node-name": file_node_name(&node)})),
+                                )
+                                .await;
+                        }
+                    }
+                }
+                self.snaps.close(id)?;
+                Err(err)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_external_steps(
+        &self,
+        dom: &Domain,
+        qmp: Option<&Qmp>,
+        meta: &mut SnapshotMeta,
+        chains: &[DiskChain],
+        disks: &[(String, PathBuf)],
+        memory_file: Option<&Path>,
+        running: Option<bool>,
+        progress: ProgressFn<'_>,
+        id: i64,
+        intent: &mut Intent,
+    ) -> Result<(SnapshotStorage, Vec<DiskChain>, CreateOutcome)> {
+        let name = meta.name.clone();
+        let mut storage = SnapshotStorage::default();
+        let mut new_chains = Vec::new();
+        let mut notes = Vec::new();
+        // 1. Overlays, made before the guest is paused.
+        intent.step = "create overlays".into();
+        self.snaps.step(id, intent)?;
+        let mut switches = Vec::new();
+        for chain in chains {
+            let active = chain.active().expect("recorded chains are never empty");
+            let Some((_, file)) = disks.iter().find(|(t, _)| t == &chain.target) else {
+                storage
+                    .disks
+                    .insert(chain.target.clone(), DiskCapture::Excluded);
+                meta.disks.push(DiskSnapshotRecord {
+                    target: chain.target.clone(),
+                    mode: DiskSnapshotMode::No,
+                    source: active.path.clone(),
+                    source_format: active.format.as_str().into(),
+                    overlay: None,
+                    overlay_format: None,
+                });
+                continue;
+            };
+            if let Some(parent) = file.parent() {
+                create_private_dir(parent)?;
+            }
+            let size = match qmp {
+                Some(qmp) => offline::live_virtual_size(&dom.name, qmp, &active.node_name).await?,
+                None => offline::virtual_size(&Layer::new(active.path.clone(), active.format))?,
+            };
+            offline::create_overlay(file, &Layer::new(active.path.clone(), active.format), size)?;
+            let node = node_name_for(&chain.target, file);
+            let frozen = chain_of(chain);
+            storage.disks.insert(
+                chain.target.clone(),
+                DiskCapture::External {
+                    chain: frozen.clone(),
+                },
+            );
+            meta.disks.push(DiskSnapshotRecord {
+                target: chain.target.clone(),
+                mode: DiskSnapshotMode::External,
+                source: active.path.clone(),
+                source_format: active.format.as_str().into(),
+                overlay: Some(file.clone()),
+                overlay_format: Some("qcow2".into()),
+            });
+            let mut new_chain = chain.clone();
+            new_chain.layers.insert(
+                0,
+                crate::disk::DiskLayer {
+                    path: file.clone(),
+                    format: DiskFormat::Qcow2,
+                    node_name: node.clone(),
+                },
+            );
+            new_chains.push(new_chain);
+            switches.push((active.node_name.clone(), node, file.clone()));
+        }
+        if let Some(file) = memory_file {
+            if let Some(parent) = file.parent() {
+                create_private_dir(parent)?;
+            }
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode_private()
+                .open(file)
+                .map_err(io_error("cannot create memory image", file))?;
+        }
+        let Some(qmp) = qmp else {
+            meta.state = SnapshotState::Shutoff;
+            meta.validate()
+                .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+            let outcome = CreateOutcome {
+                name,
+                kind: meta.kind(),
+                pause_ms: None,
+                background: false,
+                notes,
+            };
+            return Ok((storage, new_chains, outcome));
+        };
+        // 2. Open the overlays in QEMU, with no backing (the transaction links them).
+        for (_, node, file) in &switches {
+            let path = file.to_str().ok_or_else(|| {
+                SnapshotError::Invalid(format!("overlay path {} is not UTF-8", file.display()))
+            })?;
+            qmp.execute(
+                "blockdev-add",
+                Some(
+                    json!({"driver": "file", "node-name": file_node_name(node), "filename": path}),
+                ),
+            )
+            .await
+            .map_err(qmp_error(&dom.name, "blockdev-add"))?;
+            qmp.execute(
+                "blockdev-add",
+                Some(json!({"driver": "qcow2", "node-name": node, "file": file_node_name(node), "backing": null})),
+            )
+            .await
+            .map_err(qmp_error(&dom.name, "blockdev-add"))?;
+        }
+        let was_running = running == Some(true);
+        let mut events = qmp.events();
+        // 3. Stop, switch every disk in one transaction.
+        if was_running {
+            intent.step = "stop".into();
+            intent.paused_guest = true;
+            self.snaps.step(id, intent)?;
+            qmp.stop().await.map_err(qmp_error(&dom.name, "stop"))?;
+        }
+        intent.step = "transaction blockdev-snapshot".into();
+        self.snaps.step(id, intent)?;
+        let actions: Vec<Value> = switches
+            .iter()
+            .map(|(top, overlay, _)| json!({"type": "blockdev-snapshot", "data": {"node": top, "overlay": overlay}}))
+            .collect();
+        qmp.execute("transaction", Some(json!({"actions": actions})))
+            .await
+            .map_err(qmp_error(&dom.name, "transaction"))?;
+        // From here QEMU writes to the overlays: record the chains at once,
+        // so no recovery ever mistakes them for leftovers.
+        self.snaps.apply(
+            &dom.name,
+            &Change {
+                chains: new_chains.clone(),
+                ..Change::default()
+            },
+        )?;
+        let mut pause_ms = None;
+        let mut background = false;
+        if let Some(file) = memory_file {
+            intent.step = "save memory".into();
+            self.snaps.step(id, intent)?;
+            if was_running {
+                let refused = qmp
+                    .migrate_set_capabilities(&[("background-snapshot", true)])
+                    .await
+                    .err();
+                match refused {
+                    None => background = true,
+                    Some(err) => notes.push(format!(
+                        "QEMU refused background-snapshot ({err}); memory was saved with the guest paused"
+                    )),
+                }
+            } else {
+                let _ = qmp
+                    .migrate_set_capabilities(&[("background-snapshot", false)])
+                    .await;
+            }
+            let uri = format!("exec:cat > {}", shell_quote(file));
+            qmp.migrate(&uri)
+                .await
+                .map_err(qmp_error(&dom.name, "migrate"))?;
+            let info =
+                wait_migration_with_progress(&dom.name, qmp, "saving memory", progress).await;
+            if background {
+                let _ = qmp
+                    .migrate_set_capabilities(&[("background-snapshot", false)])
+                    .await;
+            }
+            let info = info?;
+            if background {
+                pause_ms = pause_from_events(&mut events);
+                intent.paused_guest = false;
+                if pause_ms.is_none() {
+                    pause_ms = info.downtime.map(|d| d as f64);
+                }
+            }
+            meta.memory = MemorySnapshot::External {
+                path: file.to_path_buf(),
+            };
+            meta.state = if was_running {
+                SnapshotState::Running
+            } else {
+                SnapshotState::Paused
+            };
+        } else {
+            meta.state = SnapshotState::DiskSnapshot;
+        }
+        // 4. Back to the state the guest was in.
+        let status = qmp
+            .query_status()
+            .await
+            .map_err(qmp_error(&dom.name, "query-status"))?;
+        if was_running && !status.running {
+            qmp.cont().await.map_err(qmp_error(&dom.name, "cont"))?;
+            if pause_ms.is_none() {
+                pause_ms = pause_from_events(&mut events);
+            }
+        } else if !was_running && status.status == QemuRunState::PostMigrate {
+            // A completed migration leaves the images inactive; only `cont`
+            // re-activates them in QEMU 7.2, so run and stop at once.
+            qmp.cont().await.map_err(qmp_error(&dom.name, "cont"))?;
+            qmp.stop().await.map_err(qmp_error(&dom.name, "stop"))?;
+        }
+        intent.paused_guest = false;
+        meta.validate()
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+        let outcome = CreateOutcome {
+            name,
+            kind: meta.kind(),
+            pause_ms,
+            background,
+            notes,
+        };
+        Ok((storage, new_chains, outcome))
+    }
+}
+
+/// What a revert did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RevertOutcome {
+    /// The snapshot reverted to.
+    pub name: String,
+    /// The guest's state afterwards: running, paused or shutoff.
+    pub state: String,
+    /// Notes for the user.
+    pub notes: Vec<String>,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeleteOutcome {
+    /// Snapshots removed, children first.
+    pub removed: Vec<String>,
+    /// Images merged away to give storage back.
+    pub merged: Vec<PathBuf>,
+    /// Notes for the user.
+    pub notes: Vec<String>,
+}
+
+enum DiskAction {
+    Keep,
+    Overlay {
+        file: PathBuf,
+        backing: Layer,
+    },
+    Clone {
+        from: PathBuf,
+        to: PathBuf,
+        tag: String,
+    },
+    Apply {
+        image: PathBuf,
+        tag: String,
+    },
+}
+
+impl<'a> Orchestrator<'a> {
+    /// `snapshot-revert`.
+    pub async fn revert(
+        &self,
+        domain: &str,
+        name: &str,
+        mode: RevertMode,
+        progress: ProgressFn<'_>,
+    ) -> Result<RevertOutcome> {
+        let dom = self.lock(domain)?;
+        let mut notes = self.recover_locked(&dom).await?;
+        let snapshots = self.snaps.snapshots(domain)?;
+        let target = snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| SnapshotError::UnknownSnapshot {
+                domain: domain.to_string(),
+                name: name.to_string(),
+            })?;
+        let mut required: Vec<PathBuf> = target
+            .storage
+            .image_files()
+            .map(Path::to_path_buf)
+            .collect();
+        if let MemorySnapshot::External { path } = &target.meta.memory {
+            required.push(path.clone());
+        }
+        for file in required {
+            if !file.exists() {
+                return Err(SnapshotError::MissingFile {
+                    domain: domain.to_string(),
+                    snapshot: name.to_string(),
+                    path: file,
+                });
+            }
+        }
+        let want = match (mode, target.meta.state) {
+            (RevertMode::Running, _) => SnapshotState::Running,
+            (RevertMode::Paused, _) => SnapshotState::Paused,
+            (RevertMode::AsRecorded, SnapshotState::Running) => SnapshotState::Running,
+            (RevertMode::AsRecorded, SnapshotState::Paused) => SnapshotState::Paused,
+            (RevertMode::AsRecorded, _) => SnapshotState::Shutoff,
+        };
+        let chains = self.snaps.chains(domain)?;
+        let snapshot_dir = dom.paths.dir.join("snapshots");
+        let mut taken = BTreeSet::new();
+        let mut actions = Vec::new();
+        let mut new_chains = Vec::new();
+        for chain in &chains {
+            let capture = target
+                .storage
+                .disks
+                .get(&chain.target)
+                .cloned()
+                .unwrap_or(DiskCapture::Excluded);
+            let (action, new_chain) = match capture {
+                DiskCapture::Excluded => (DiskAction::Keep, chain_of(chain)),
+                DiskCapture::External { chain: frozen } => {
+                    let file = unique_file(
+                        &snapshot_dir,
+                        &format!("{}.{name}.run", chain.target),
+                        "qcow2",
+                        &taken,
+                    );
+                    taken.insert(file.clone());
+                    let backing = frozen.top().clone();
+                    (
+                        DiskAction::Overlay {
+                            file: file.clone(),
+                            backing,
+                        },
+                        frozen.with_top(Layer::new(file, DiskFormat::Qcow2)),
+                    )
+                }
+                DiskCapture::Internal { chain: held, tag } => {
+                    let image = held.top().file.clone();
+                    if live_content_needed(&image, None, &snapshots) {
+                        let file = unique_file(
+                            &snapshot_dir,
+                            &format!("{}.{name}.clone", chain.target),
+                            "qcow2",
+                            &taken,
+                        );
+                        taken.insert(file.clone());
+                        (
+                            DiskAction::Clone {
+                                from: image,
+                                to: file.clone(),
+                                tag,
+                            },
+                            held.replace_top(Layer::new(file, DiskFormat::Qcow2)),
+                        )
+                    } else {
+                        (DiskAction::Apply { image, tag }, held)
+                    }
+                }
+            };
+            actions.push((chain.target.clone(), action));
+            new_chains.push((chain.target.clone(), new_chain));
+        }
+        let new_files: Vec<PathBuf> = taken.iter().cloned().collect();
+        if !new_files.is_empty() {
+            create_private_dir(&snapshot_dir)?;
+        }
+        self.snaps.own(domain, &new_files)?;
+        let mut intent = Intent::new(Operation::Revert, name);
+        let id = self.snaps.begin(domain, &intent)?;
+        let qmp = connect_if_running(domain, &dom.paths).await?;
+        let same_images = new_chains.iter().all(|(target, chain)| {
+            chains
+                .iter()
+                .find(|c| &c.target == target)
+                .is_some_and(|c| chain_of(c) == *chain)
+        });
+        let result = match (&target.meta.memory, qmp) {
+            // Fast path: QEMU already runs on the images holding the snapshot.
+            (MemorySnapshot::Internal { vmstate_disk }, Some(qmp))
+                if same_images
+                    && actions
+                        .iter()
+                        .all(|(_, a)| matches!(a, DiskAction::Apply { .. } | DiskAction::Keep)) =>
+            {
+                intent.step = "snapshot-load".into();
+                self.snaps.step(id, &intent)?;
+                let r = self
+                    .load_internal(&dom, &qmp, &chains, &target, vmstate_disk, want, progress)
+                    .await;
+                qmp.close().await;
+                r.map(|_| chains.clone())
+            }
+            (_, qmp) => {
+                if let Some(qmp) = qmp {
+                    intent.step = "stop QEMU".into();
+                    self.snaps.step(id, &intent)?;
+                    stop_qemu(domain, qmp, &dom.paths).await?;
+                    self.store().transaction(|tx| {
+                        crate::store::record_exit(tx, domain, crate::store::LastExit::Destroyed)
+                    })?;
+                }
+                intent.step = "prepare images".into();
+                self.snaps.step(id, &intent)?;
+                let has_memory = target.meta.has_memory();
+                for (_, action) in &actions {
+                    match action {
+                        DiskAction::Keep => {}
+                        DiskAction::Overlay { file, backing } => {
+                            let size = offline::virtual_size(backing)?;
+                            offline::create_overlay(file, backing, size)?;
+                        }
+                        DiskAction::Clone { from, to, tag } => {
+                            offline::clone_image(from, to)?;
+                            offline::delete_tags_except(to, tag)?;
+                            if !has_memory {
+                                offline::apply_tag(to, tag)?;
+                                offline::delete_tag_if_present(to, tag)?;
+                            }
+                        }
+                        DiskAction::Apply { image, tag } => {
+                            if !has_memory {
+                                offline::apply_tag(image, tag)?;
+                            }
+                        }
+                    }
+                }
+                let disk_chains: Vec<DiskChain> = new_chains
+                    .iter()
+                    .map(|(target, chain)| disk_chain_of(target, chain, None))
+                    .collect();
+                self.revert_start(
+                    &dom,
+                    &disk_chains,
+                    &target,
+                    &actions,
+                    want,
+                    &mut intent,
+                    id,
+                    progress,
+                )
+                .await
+                .map(|_| disk_chains)
+            }
+        };
+        match result {
+            Ok(disk_chains) => {
+                let change = Change {
+                    current: Some(Some(name.to_string())),
+                    chains: disk_chains,
+                    ..Change::default()
+                };
+                self.snaps.commit(domain, id, &change, None)?;
+            }
+            Err(err) => {
+                let qmp = connect_if_running(domain, &dom.paths).await.ok().flatten();
+                if let Some(qmp) = &qmp {
+                    let _ = self.adopt_live_chains(&dom, qmp, &mut notes).await;
+                }
+                self.snaps.close(id)?;
+                self.collect_garbage(&dom)?;
+                return Err(err);
+            }
+        }
+        notes.extend(self.collect_garbage(&dom)?);
+        Ok(RevertOutcome {
+            name: name.to_string(),
+            state: want.as_str().to_string(),
+            notes,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn load_internal(
+        &self,
+        dom: &Domain,
+        qmp: &Qmp,
+        chains: &[DiskChain],
+        target: &StoredSnapshot,
+        vmstate_disk: &str,
+        want: SnapshotState,
+        progress: ProgressFn<'_>,
+    ) -> Result<()> {
+        let mut devices = Vec::new();
+        let mut vmstate = None;
+        for chain in chains {
+            if matches!(
+                target.storage.disks.get(&chain.target),
+                Some(DiskCapture::Internal { .. })
+            ) {
+                let node = chain.active().expect("never empty").node_name.clone();
+                if chain.target == vmstate_disk {
+                    vmstate = Some(node.clone());
+                }
+                devices.push(node);
+            }
+        }
+        let vmstate = vmstate.unwrap_or_else(|| devices[0].clone());
+        progress(Progress {
+            step: "loading memory and disks",
+            done: 0,
+            total: 0,
+        });
+        let job = format!("vmsnap-load-{}", now_unix());
+        qmp.execute(
+            "snapshot-load",
+            Some(
+                json!({"job-id": job, "tag": target.name, "vmstate": vmstate, "devices": devices}),
+            ),
+        )
+        .await
+        .map_err(qmp_error(&dom.name, "snapshot-load"))?;
+        qmp.wait_job(&job, JOB_TIMEOUT)
+            .await
+            .map_err(qmp_error(&dom.name, "snapshot-load"))?;
+        progress(Progress {
+            step: "loading memory and disks",
+            done: 1,
+            total: 1,
+        });
+        set_run_state(&dom.name, qmp, want).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn revert_start(
+        &self,
+        dom: &Domain,
+        disk_chains: &[DiskChain],
+        target: &StoredSnapshot,
+        actions: &[(String, DiskAction)],
+        want: SnapshotState,
+        intent: &mut Intent,
+        id: i64,
+        progress: ProgressFn<'_>,
+    ) -> Result<()> {
+        match &target.meta.memory {
+            MemorySnapshot::None => {
+                if want == SnapshotState::Shutoff {
+                    return Ok(());
+                }
+                intent.step = "start QEMU".into();
+                self.snaps.step(id, intent)?;
+                let options = LaunchOptions {
+                    paused: want == SnapshotState::Paused,
+                    incoming_defer: false,
+                };
+                let qmp =
+                    launch(&dom.config, disk_chains, &dom.paths, self.store(), options).await?;
+                qmp.close().await;
+                Ok(())
+            }
+            MemorySnapshot::External { path } => {
+                intent.step = "start QEMU for the memory image".into();
+                self.snaps.step(id, intent)?;
+                let options = LaunchOptions {
+                    paused: true,
+                    incoming_defer: true,
+                };
+                let qmp =
+                    launch(&dom.config, disk_chains, &dom.paths, self.store(), options).await?;
+                let uri = format!("exec:cat {}", shell_quote(path));
+                qmp.migrate_incoming(&uri)
+                    .await
+                    .map_err(qmp_error(&dom.name, "migrate-incoming"))?;
+                wait_migration_with_progress(&dom.name, &qmp, "loading memory", progress).await?;
+                set_run_state(&dom.name, &qmp, want).await?;
+                qmp.close().await;
+                Ok(())
+            }
+            MemorySnapshot::Internal { vmstate_disk } => {
+                intent.step = "start QEMU for snapshot-load".into();
+                self.snaps.step(id, intent)?;
+                let options = LaunchOptions {
+                    paused: true,
+                    incoming_defer: false,
+                };
+                let qmp =
+                    launch(&dom.config, disk_chains, &dom.paths, self.store(), options).await?;
+                self.load_internal(dom, &qmp, disk_chains, target, vmstate_disk, want, progress)
+                    .await?;
+                // A clone carries a copy of the snapshot; the record keeps the original.
+                for (disk, action) in actions {
+                    if let DiskAction::Clone { tag, .. } = action {
+                        if let Some(chain) = disk_chains.iter().find(|c| &c.target == disk) {
+                            let node = chain.active().expect("never empty").node_name.clone();
+                            qmp.execute(
+                                "blockdev-snapshot-delete-internal-sync",
+                                Some(json!({"device": node, "name": tag})),
+                            )
+                            .await
+                            .map_err(qmp_error(
+                                &dom.name,
+                                "blockdev-snapshot-delete-internal-sync",
+                            ))?;
+                        }
+                    }
+                }
+                qmp.close().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// `snapshot-delete`.
+    pub async fn delete(
+        &self,
+        domain: &str,
+        name: &str,
+        scope: DeleteScope,
+        metadata_only: bool,
+        progress: ProgressFn<'_>,
+    ) -> Result<DeleteOutcome> {
+        let dom = self.lock(domain)?;
+        let mut outcome = DeleteOutcome {
+            notes: self.recover_locked(&dom).await?,
+            ..DeleteOutcome::default()
+        };
+        let tree = SnapshotTree::new(
+            self.snaps
+                .snapshots(domain)?
+                .into_iter()
+                .map(|s| s.meta)
+                .collect(),
+        )
+        .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+        if !tree.contains(name) {
+            return Err(SnapshotError::UnknownSnapshot {
+                domain: domain.to_string(),
+                name: name.to_string(),
+            });
+        }
+        let plan = tree
+            .plan_delete(name, scope, metadata_only)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+        if metadata_only {
+            let before = self.snaps.snapshots(domain)?;
+            let current = chains_of(&self.snaps.chains(domain)?);
+            let needed_before = needed_files(&current, &before);
+            let after: Vec<StoredSnapshot> = before
+                .iter()
+                .filter(|s| !plan.removed.contains(&s.name))
+                .cloned()
+                .collect();
+            let needed_after = needed_files(&current, &after);
+            let released: Vec<PathBuf> = needed_before.difference(&needed_after).cloned().collect();
+            self.snaps.disown(domain, &released)?;
+            let change =
+                self.removal_change(&before, &plan.removed, plan.current_after.clone(), None);
+            self.snaps.apply(domain, &change)?;
+            outcome.removed = plan.removed;
+            return Ok(outcome);
+        }
+        for victim in &plan.removed {
+            self.delete_one(&dom, victim, &mut outcome, progress)
+                .await?;
+            outcome.removed.push(victim.clone());
+        }
+        outcome.notes.extend(self.collect_garbage(&dom)?);
+        Ok(outcome)
+    }
+
+    /// The record change removing `names`: their children move to their
+    /// parents; the current pointer goes to `current`.
+    fn removal_change(
+        &self,
+        snapshots: &[StoredSnapshot],
+        names: &[String],
+        current: Option<String>,
+        storage_updates: Option<&BTreeMap<String, SnapshotStorage>>,
+    ) -> Change {
+        let parent_of = |name: &str| {
+            snapshots
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.meta.parent.clone())
+        };
+        let mut change = Change {
+            remove: names.to_vec(),
+            current: Some(current),
+            ..Change::default()
+        };
+        for snapshot in snapshots {
+            if names.contains(&snapshot.name) {
+                continue;
+            }
+            let mut meta = snapshot.meta.clone();
+            let mut changed = false;
+            while let Some(parent) = meta.parent.clone().filter(|p| names.contains(p)) {
+                meta.parent = parent_of(&parent);
+                changed = true;
+            }
+            let storage = storage_updates.and_then(|u| u.get(&snapshot.name)).cloned();
+            if changed || storage.is_some() {
+                change
+                    .put
+                    .push((meta, storage.unwrap_or_else(|| snapshot.storage.clone())));
+            }
+        }
+        change
+    }
+
+    async fn delete_one(
+        &self,
+        dom: &Domain,
+        name: &str,
+        outcome: &mut DeleteOutcome,
+        progress: ProgressFn<'_>,
+    ) -> Result<()> {
+        let domain = dom.name.as_str();
+        let snapshots = self.snaps.snapshots(domain)?;
+        let Some(victim) = snapshots.iter().find(|s| s.name == name).cloned() else {
+            return Ok(());
+        };
+        let remaining: Vec<StoredSnapshot> = snapshots
+            .iter()
+            .filter(|s| s.name != name)
+            .cloned()
+            .collect();
+        let disk_chains = self.snaps.chains(domain)?;
+        let current = chains_of(&disk_chains);
+        let owned: BTreeSet<PathBuf> = self.snaps.owned_files(domain)?.into_iter().collect();
+        let mut intent = Intent::new(Operation::Delete, name);
+        let mut merges: Vec<Merge> = Vec::new();
+        for (target, capture) in &victim.storage.disks {
+            match capture {
+                DiskCapture::Internal { chain, tag } => {
+                    intent
+                        .doomed_tags
+                        .push((chain.top().file.clone(), tag.clone()));
+                }
+                DiskCapture::External { chain } => {
+                    if let Some(merge) = plan_merge(target, chain, &owned, &current, &remaining) {
+                        merges.push(merge);
+                    }
+                }
+                DiskCapture::Excluded => {}
+            }
+        }
+        let id = self.snaps.begin(domain, &intent)?;
+        let qmp = connect_if_running(domain, &dom.paths).await?;
+        // Merge each frozen image into its only child; the records still
+        // name it until the commit, and its data is in both, so a crash here
+        // loses nothing.
+        let mut new_disk_chains = disk_chains.clone();
+        let mut storage_updates: BTreeMap<String, SnapshotStorage> = BTreeMap::new();
+        for merge in &merges {
+            intent.step = format!(
+                "merge {} into {}",
+                merge.frozen.file.display(),
+                merge.child.file.display()
+            );
+            self.snaps.step(id, &intent)?;
+            let live_chain = disk_chains.iter().find(|c| {
+                c.target == merge.target && c.layers.iter().any(|l| l.path == merge.child.file)
+            });
+            match (&qmp, live_chain) {
+                (Some(qmp), Some(chain)) => {
+                    self.stream_live(dom, qmp, chain, merge, progress).await?;
+                }
+                _ => {
+                    progress(Progress {
+                        step: &format!("merging {}", merge.target),
+                        done: 0,
+                        total: 1,
+                    });
+                    offline::rebase(&merge.child, &merge.frozen, &merge.base)?;
+                    progress(Progress {
+                        step: &format!("merging {}", merge.target),
+                        done: 1,
+                        total: 1,
+                    });
+                }
+            }
+            for chain in new_disk_chains.iter_mut() {
+                chain.layers.retain(|l| l.path != merge.frozen.file);
+            }
+            for snapshot in &remaining {
+                let base = storage_updates
+                    .get(&snapshot.name)
+                    .cloned()
+                    .unwrap_or_else(|| snapshot.storage.clone());
+                let mut updated = base.clone();
+                for capture in updated.disks.values_mut() {
+                    match capture {
+                        DiskCapture::Internal { chain, .. } | DiskCapture::External { chain } => {
+                            *chain = without_layer(chain, &merge.frozen.file);
+                        }
+                        DiskCapture::Excluded => {}
+                    }
+                }
+                if updated != base || storage_updates.contains_key(&snapshot.name) {
+                    storage_updates.insert(snapshot.name.clone(), updated);
+                }
+            }
+            outcome.merged.push(merge.frozen.file.clone());
+        }
+        let current_ptr = self.snaps.current(domain)?;
+        let new_current = if current_ptr.as_deref() == Some(name) {
+            victim.meta.parent.clone()
+        } else {
+            current_ptr
+        };
+        let mut change = self.removal_change(
+            &snapshots,
+            &[name.to_string()],
+            new_current,
+            Some(&storage_updates),
+        );
+        // Other snapshots whose chains changed but which did not move.
+        for (snap, storage) in &storage_updates {
+            if !change.put.iter().any(|(m, _)| &m.name == snap) {
+                if let Some(s) = remaining.iter().find(|s| &s.name == snap) {
+                    change.put.push((s.meta.clone(), storage.clone()));
+                }
+            }
+        }
+        if !merges.is_empty() {
+            change.chains = new_disk_chains;
+        }
+        intent.committed = true;
+        intent.step = "delete internal snapshots".into();
+        self.snaps.commit(domain, id, &change, Some(&intent))?;
+        let mut left = Vec::new();
+        for (image, tag) in &intent.doomed_tags {
+            if let Err(err) = self.delete_tag(dom, qmp.as_ref(), image, tag).await {
+                outcome.notes.push(format!(
+                    "internal snapshot '{tag}' stays in {} for now ({err}); a later command removes it",
+                    image.display()
+                ));
+                left.push((image.clone(), tag.clone()));
+            }
+        }
+        if left.is_empty() {
+            self.snaps.close(id)?;
+        } else {
+            intent.doomed_tags = left;
+            self.snaps.step(id, &intent)?;
+        }
+        if let Some(qmp) = qmp {
+            qmp.close().await;
+        }
+        Ok(())
+    }
+
+    async fn stream_live(
+        &self,
+        dom: &Domain,
+        qmp: &Qmp,
+        chain: &DiskChain,
+        merge: &Merge,
+        progress: ProgressFn<'_>,
+    ) -> Result<()> {
+        let node = |file: &Path| {
+            chain
+                .layers
+                .iter()
+                .find(|l| l.path == file)
+                .map(|l| l.node_name.clone())
+                .unwrap_or_default()
+        };
+        let child = node(&merge.child.file);
+        let frozen = node(&merge.frozen.file);
+        let base = node(&merge.base.file);
+        let job = format!("vmsnap-stream-{}", now_unix());
+        progress(Progress {
+            step: &format!("merging {}", merge.target),
+            done: 0,
+            total: 1,
+        });
+        qmp.execute(
+            "block-stream",
+            Some(json!({"job-id": job, "device": child, "base-node": base, "auto-dismiss": false})),
+        )
+        .await
+        .map_err(qmp_error(&dom.name, "block-stream"))?;
+        qmp.wait_job(&job, JOB_TIMEOUT)
+            .await
+            .map_err(qmp_error(&dom.name, "block-stream"))?;
+        progress(Progress {
+            step: &format!("merging {}", merge.target),
+            done: 1,
+            total: 1,
+        });
+        // The frozen image's nodes were added by us: release its file.
+        let _ = qmp
+            .execute("blockdev-del", Some(json!({"node-name": frozen})))
+            .await;
+        let _ = qmp
+            .execute(
+                "blockdev-del",
+                Some(json!({"node-name": file_node_name(&frozen)})),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// `snapshot-create --redefine`: records metadata for a snapshot whose
+    /// data already exists (internal tags in the images, or frozen images).
+    pub fn redefine(&self, domain: &str, meta: SnapshotMeta, make_current: bool) -> Result<()> {
+        let dom = self.lock(domain)?;
+        let snapshots = self.snaps.snapshots(domain)?;
+        let mut tree = SnapshotTree::new(snapshots.iter().map(|s| s.meta.clone()).collect())
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+        tree.insert_redefined(meta.clone(), make_current)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
+        let chains = self.snaps.chains(domain)?;
+        let mut storage = SnapshotStorage::default();
+        for record in &meta.disks {
+            let format = match record.source_format.as_str() {
+                "raw" => DiskFormat::Raw,
+                _ => DiskFormat::Qcow2,
+            };
+            let current = chains.iter().find(|c| c.target == record.target);
+            // The chain below the recorded image: the current chain's, when
+            // the image is part of it; else the image alone.
+            let chain = match current.map(chain_of) {
+                Some(c) if c.contains(&record.source) => {
+                    let pos =
+                        c.0.iter()
+                            .position(|l| l.file == record.source)
+                            .expect("contains");
+                    Chain(c.0[..=pos].to_vec())
+                }
+                _ => Chain(vec![Layer::new(record.source.clone(), format)]),
+            };
+            let capture = match record.mode {
+                DiskSnapshotMode::Internal => DiskCapture::Internal {
+                    chain,
+                    tag: meta.name.clone(),
+                },
+                DiskSnapshotMode::External => DiskCapture::External { chain },
+                DiskSnapshotMode::No => DiskCapture::Excluded,
+            };
+            storage.disks.insert(record.target.clone(), capture);
+        }
+        let change = Change {
+            put: vec![(meta.clone(), storage)],
+            current: make_current.then(|| Some(meta.name.clone())),
+            ..Change::default()
+        };
+        self.snaps.apply(&dom.name, &change)?;
+        Ok(())
+    }
+
+    /// `snapshot-current NAME`: makes an existing snapshot current (the
+    /// parent of the next one) without touching the guest.
+    pub fn set_current(&self, domain: &str, name: &str) -> Result<()> {
+        let dom = self.lock(domain)?;
+        self.get(domain, name)?;
+        self.snaps.apply(
+            &dom.name,
+            &Change {
+                current: Some(Some(name.to_string())),
+                ..Change::default()
+            },
+        )
+    }
+}
+
+async fn set_run_state(domain: &str, qmp: &Qmp, want: SnapshotState) -> Result<()> {
+    let status = qmp
+        .query_status()
+        .await
+        .map_err(qmp_error(domain, "query-status"))?;
+    match want {
+        SnapshotState::Running if !status.running => {
+            qmp.cont().await.map_err(qmp_error(domain, "cont"))
+        }
+        SnapshotState::Paused | SnapshotState::Shutoff | SnapshotState::DiskSnapshot
+            if status.running =>
+        {
+            qmp.stop().await.map_err(qmp_error(domain, "stop"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The longest STOP→RESUME interval among `events` received so far.
+fn pause_from_events(events: &mut vmsnap_qmp::EventReceiver) -> Option<f64> {
+    let mut stop: Option<f64> = None;
+    let mut longest: Option<f64> = None;
+    while let Some(Ok(event)) = events.try_recv() {
+        match event.name.as_str() {
+            "STOP" => stop = Some(event_ms(&event)),
+            "RESUME" => {
+                if let Some(start) = stop.take() {
+                    let pause = event_ms(&event) - start;
+                    longest = Some(longest.map_or(pause, |l: f64| l.max(pause)));
+                }
+            }
+            _ => {}
+        }
+    }
+    longest
+}
+
+async fn wait_migration_with_progress(
+    domain: &str,
+    qmp: &Qmp,
+    step: &str,
+    progress: ProgressFn<'_>,
+) -> Result<vmsnap_qmp::MigrationInfo> {
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    loop {
+        let info = qmp
+            .query_migrate()
+            .await
+            .map_err(qmp_error(domain, "query-migrate"))?;
+        if let Some(ram) = &info.ram {
+            progress(Progress {
+                step,
+                done: ram.transferred,
+                total: ram.total,
+            });
+        }
+        use vmsnap_qmp::MigrationStatus as S;
+        match &info.status {
+            Some(S::Completed) | Some(S::Failed) | Some(S::Cancelled) => {
+                return qmp
+                    .wait_migration(Duration::from_secs(5))
+                    .await
+                    .map_err(qmp_error(domain, "migrate"));
+            }
+            _ if Instant::now() >= deadline => {
+                return qmp
+                    .wait_migration(Duration::from_secs(1))
+                    .await
+                    .map_err(qmp_error(domain, "migrate"));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+enum CreatePlan {
+    Internal {
+        disks: Vec<String>,
+        memory: bool,
+    },
+    External {
+        disks: Vec<(String, PathBuf)>,
+        memory_file: Option<PathBuf>,
+    },
+}
+
+/// `DIR/STEM.EXT`, or `DIR/STEM.N.EXT` for the first N that is free.
+fn unique_file(dir: &Path, stem: &str, ext: &str, taken: &BTreeSet<PathBuf>) -> PathBuf {
+    let mut candidate = dir.join(format!("{stem}.{ext}"));
+    let mut n = 1;
+    while candidate.exists() || taken.contains(&candidate) {
+        candidate = dir.join(format!("{stem}.{n}.{ext}"));
+        n += 1;
+    }
+    candidate
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_error("cannot create directory", dir))
+}
+
+trait PrivateMode {
+    fn mode_private(&mut self) -> &mut Self;
+}
+
+impl PrivateMode for std::fs::OpenOptions {
+    fn mode_private(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
