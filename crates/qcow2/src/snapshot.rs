@@ -1,0 +1,415 @@
+//! Internal snapshots: create, delete and apply, in QEMU's order of writes.
+//!
+//! Every operation first makes the image's cached state durable, then moves
+//! from one consistent on-disk state to the next with a sync between steps:
+//! refcounts go up before a new reference is written, references go away
+//! before refcounts go down. A crash between any two steps leaves at worst
+//! leaked clusters (and, as with QEMU, stale COPIED flags that only cost
+//! extra copies), never a snapshot that reads wrong.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use vmsnap_qcow2_format::{self as fmt, SnapshotEntry, OFFSET_MASK, OFLAG_COPIED};
+
+use crate::error::{Error, Result};
+use crate::image::{Qcow2Image, SnapshotInfo};
+use vmsnap_qcow2_format::L2Entry;
+
+impl Qcow2Image {
+    /// Index of the snapshot with this id, else with this name (QEMU's lookup order).
+    pub(crate) fn find_snapshot(&self, id_or_name: &str) -> Option<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| s.id == id_or_name)
+            .or_else(|| self.snapshots.iter().position(|s| s.name == id_or_name))
+    }
+
+    fn snapshot_not_found(&self, id_or_name: &str) -> Error {
+        Error::NotFound {
+            path: self.path.clone(),
+            what: format!("snapshot '{id_or_name}'"),
+        }
+    }
+
+    fn require_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly {
+                path: self.path.clone(),
+            })
+        }
+    }
+
+    /// Creates a disk-only internal snapshot of the current state, as `qemu-img snapshot -c`.
+    ///
+    /// The id is the largest numeric id plus one; the date is the wall clock.
+    pub fn create_snapshot(&mut self, name: &str) -> Result<SnapshotInfo> {
+        self.require_writable()?;
+        if name.is_empty() || name.len() > u16::MAX as usize {
+            return Err(Error::invalid(
+                &self.path,
+                "snapshot name must be 1 to 65535 bytes long",
+            ));
+        }
+        if self.snapshots.iter().any(|s| s.name == name) {
+            return Err(Error::AlreadyExists {
+                path: self.path.clone(),
+                what: format!("snapshot '{name}'"),
+            });
+        }
+        if self.snapshots.len() >= fmt::MAX_SNAPSHOTS as usize {
+            return Err(Error::unsupported(
+                &self.path,
+                "the image already has 65536 snapshots",
+            ));
+        }
+        self.flush()?;
+        let next_id = self
+            .snapshots
+            .iter()
+            .map(|s| leading_number(&s.id))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let entry = SnapshotEntry {
+            l1_table_offset: 0,
+            l1_size: self.l1.len() as u32,
+            id: next_id.to_string(),
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            // qemu-img takes the time in microseconds.
+            date_nsec: now.subsec_micros() * 1000,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(self.size()),
+            icount: Some(0),
+            unknown_extra: Vec::new(),
+        };
+        let result = self.create_snapshot_steps(entry);
+        if result.is_err() {
+            let _ = self.discard_unwritten();
+        }
+        let entry = result?;
+        Ok(self
+            .snapshots()
+            .into_iter()
+            .find(|s| s.id == entry.id)
+            .unwrap_or(SnapshotInfo {
+                id: entry.id,
+                name: entry.name,
+                vm_state_size: 0,
+                date_sec: entry.date_sec,
+                date_nsec: entry.date_nsec,
+                vm_clock_nsec: 0,
+                icount: entry.icount,
+                disk_size: self.size(),
+            }))
+    }
+
+    fn create_snapshot_steps(&mut self, mut entry: SnapshotEntry) -> Result<SnapshotEntry> {
+        let cs = self.cluster_size();
+        // 1. A copy of the active L1 table in new clusters (unreferenced until step 4).
+        if !self.l1.is_empty() {
+            let copy: Vec<u64> = self.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
+            let bytes = fmt::encode_u64_table(&copy);
+            let off = self.alloc_clusters((bytes.len() as u64).div_ceil(cs))?;
+            self.mark_metadata(off);
+            self.pwrite(off, &bytes, "snapshot L1 table")?;
+            entry.l1_table_offset = off;
+        }
+        // 2. Every cluster the active tree uses gains a reference; on disk before anything points at it.
+        let active = self.l1.clone();
+        self.tree_refcount_pass(&active, 1)?;
+        self.write_refblocks()?;
+        self.sync()?;
+        // 3. Shared clusters are no longer COPIED: later guest writes copy them.
+        self.update_active_copied_flags()?;
+        self.write_tables()?;
+        self.sync()?;
+        // 4. The snapshot table gains the entry (new table, header switch, old table freed).
+        let mut list = self.snapshots.clone();
+        list.push(entry.clone());
+        self.write_snapshot_table(list)?;
+        Ok(entry)
+    }
+
+    /// Deletes an internal snapshot and frees what only it used, as `qemu-img snapshot -d`.
+    pub fn delete_snapshot(&mut self, id_or_name: &str) -> Result<()> {
+        self.require_writable()?;
+        let index = self
+            .find_snapshot(id_or_name)
+            .ok_or_else(|| self.snapshot_not_found(id_or_name))?;
+        self.flush()?;
+        let sn = self.snapshots[index].clone();
+        let sn_l1 = self.read_snapshot_l1(&sn)?;
+        let result = (|| -> Result<()> {
+            // 1. The table no longer lists the snapshot: from here on a crash only leaks.
+            let mut list = self.snapshots.clone();
+            list.remove(index);
+            self.write_snapshot_table(list)?;
+            // 2. Its references go away.
+            self.tree_refcount_pass(&sn_l1, -1)?;
+            if sn.l1_size > 0 {
+                self.add_refcount(sn.l1_table_offset, u64::from(sn.l1_size) * 8, -1)?;
+            }
+            self.write_refblocks()?;
+            self.sync()?;
+            // 3. Clusters now used only by the active state may be written in place again.
+            self.update_active_copied_flags()?;
+            self.write_tables()?;
+            self.sync()
+        })();
+        if result.is_err() {
+            let _ = self.discard_unwritten();
+        }
+        result
+    }
+
+    /// Reverts the active state to a snapshot, as `qemu-img snapshot -a`.
+    ///
+    /// The virtual size becomes the snapshot's; the active L1 table grows if the snapshot's is larger.
+    pub fn apply_snapshot(&mut self, id_or_name: &str) -> Result<()> {
+        self.require_writable()?;
+        let index = self
+            .find_snapshot(id_or_name)
+            .ok_or_else(|| self.snapshot_not_found(id_or_name))?;
+        self.flush()?;
+        let sn = self.snapshots[index].clone();
+        let sn_l1 = self.read_snapshot_l1(&sn)?;
+        let disk_size = sn.disk_size.unwrap_or(self.size());
+        let result = (|| -> Result<()> {
+            // 1. The active L1 table must hold the whole snapshot table (and its disk size).
+            let need = u64::from(sn.l1_size).max(self.header.l1_entries_for(disk_size));
+            self.grow_l1(need)?;
+            // 2. Everything the snapshot uses gains a reference first.
+            self.tree_refcount_pass(&sn_l1, 1)?;
+            self.write_refblocks()?;
+            self.sync()?;
+            self.update_active_copied_flags()?;
+            self.write_tables()?;
+            self.sync()?;
+            // 3. The active L1 table becomes the snapshot's (no COPIED flags: all shared now).
+            let mut new_l1: Vec<u64> = sn_l1.iter().map(|e| e & !OFLAG_COPIED).collect();
+            new_l1.resize(self.l1.len(), 0);
+            let old_l1 = std::mem::replace(&mut self.l1, new_l1);
+            self.l1_dirty = true;
+            if self.header.size != disk_size {
+                self.header.size = disk_size;
+                self.header_dirty = true;
+            }
+            self.write_tables()?;
+            self.sync()?;
+            // 4. The old active tree loses its references.
+            self.tree_refcount_pass(&old_l1, -1)?;
+            self.write_refblocks()?;
+            self.sync()?;
+            // 5. COPIED flags for what the active state alone now uses.
+            self.update_active_copied_flags()?;
+            self.write_tables()?;
+            self.sync()
+        })();
+        if result.is_err() {
+            let _ = self.discard_unwritten();
+        }
+        result
+    }
+
+    /// Reads and validates a snapshot's L1 table.
+    pub(crate) fn read_snapshot_l1(&self, sn: &SnapshotEntry) -> Result<Vec<u64>> {
+        let cs = self.cluster_size();
+        let bytes = u64::from(sn.l1_size) * 8;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        if sn.l1_table_offset % cs != 0 || bytes > fmt::MAX_L1_BYTES {
+            return Err(Error::corrupt(
+                &self.path,
+                format!(
+                    "snapshot '{}' has an invalid L1 table (offset {:#x}, {} entries)",
+                    sn.name, sn.l1_table_offset, sn.l1_size
+                ),
+            ));
+        }
+        let mut buf = vec![0u8; bytes as usize];
+        self.pread(sn.l1_table_offset, &mut buf, "snapshot L1 table")?;
+        Ok(fmt::decode_u64_table(&buf))
+    }
+
+    /// Adds `delta` (+1/-1) to the refcount of every L2 table and data cluster reachable from `l1`.
+    pub(crate) fn tree_refcount_pass(&mut self, l1: &[u64], delta: i64) -> Result<()> {
+        let l2_offsets: Vec<u64> = l1
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        self.load_all_refblocks()?;
+        self.prefetch_l2(&l2_offsets)?;
+        for off in l2_offsets {
+            self.load_l2(off)?;
+            let table = match self.l2.remove(&off) {
+                Some(t) => t,
+                None => continue,
+            };
+            let mut result = Ok(());
+            for &raw in &table.entries {
+                if raw == 0 {
+                    continue;
+                }
+                let entry = match self.decode_entry(raw) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                };
+                if let Some((host, len)) = entry.host_range() {
+                    if let Err(e) = self.add_refcount(host, len, delta) {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            self.l2.insert(off, table);
+            result?;
+            self.add_refcount(off, 0, delta)?;
+        }
+        Ok(())
+    }
+
+    /// Sets COPIED on active L1/L2 entries whose cluster has refcount 1 and clears it elsewhere.
+    pub(crate) fn update_active_copied_flags(&mut self) -> Result<()> {
+        let cs = self.cluster_size();
+        let offsets: Vec<u64> = self
+            .l1
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        self.prefetch_l2(&offsets)?;
+        for i in 0..self.l1.len() {
+            let raw = self.l1[i];
+            let off = raw & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let want = if self.refcount(off / cs)? == 1 {
+                off | OFLAG_COPIED
+            } else {
+                off
+            };
+            if raw != want {
+                self.l1[i] = want;
+                self.l1_dirty = true;
+            }
+            self.load_l2(off)?;
+            let mut table = match self.l2.remove(&off) {
+                Some(t) => t,
+                None => continue,
+            };
+            let mut result = Ok(());
+            for e in table.entries.iter_mut() {
+                if *e == 0 {
+                    continue;
+                }
+                let entry = match self.decode_entry(*e) {
+                    Ok(x) => x,
+                    Err(err) => {
+                        result = Err(err);
+                        break;
+                    }
+                };
+                let host = match entry {
+                    L2Entry::Normal { host, .. }
+                    | L2Entry::Zero {
+                        host: Some(host), ..
+                    } => host,
+                    _ => continue,
+                };
+                let rc = match self.refcount(host / cs) {
+                    Ok(rc) => rc,
+                    Err(err) => {
+                        result = Err(err);
+                        break;
+                    }
+                };
+                let new = if rc == 1 {
+                    *e | OFLAG_COPIED
+                } else {
+                    *e & !OFLAG_COPIED
+                };
+                if new != *e {
+                    *e = new;
+                    table.dirty = true;
+                }
+            }
+            self.l2.insert(off, table);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Writes `list` as the new snapshot table, switches the header to it, frees the old one.
+    ///
+    /// Same steps as QEMU: allocate and sync refcounts, write the table, sync, update the
+    /// header's count and offset, sync, then free the old table.
+    pub(crate) fn write_snapshot_table(&mut self, list: Vec<SnapshotEntry>) -> Result<()> {
+        let cs = self.cluster_size();
+        let bytes = fmt::encode_snapshot_table(&list).map_err(|e| Error::format(&self.path, e))?;
+        let old_off = self.header.snapshots_offset;
+        let old_size = self.snapshots_size;
+        let new_off = if bytes.is_empty() {
+            0
+        } else {
+            let off = self.alloc_clusters((bytes.len() as u64).div_ceil(cs))?;
+            self.mark_metadata(off);
+            self.write_refblocks()?;
+            self.sync()?;
+            self.pwrite(off, &bytes, "snapshot table")?;
+            self.sync()?;
+            off
+        };
+        self.header.nb_snapshots = list.len() as u32;
+        self.header.snapshots_offset = new_off;
+        let mut fields = [0u8; 12];
+        fields[..4].copy_from_slice(&self.header.nb_snapshots.to_be_bytes());
+        fields[4..].copy_from_slice(&new_off.to_be_bytes());
+        self.pwrite(60, &fields, "header")?;
+        self.sync()?;
+        self.snapshots = list;
+        self.snapshots_size = bytes.len() as u64;
+        if old_size > 0 && old_off != 0 {
+            self.add_refcount(old_off, old_size, -1)?;
+            self.write_refblocks()?;
+        }
+        Ok(())
+    }
+}
+
+/// The number at the start of an id, as C's strtoul reads it (0 if none).
+fn leading_number(id: &str) -> u64 {
+    let digits: String = id
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits
+        .parse()
+        .unwrap_or(if digits.is_empty() { 0 } else { u64::MAX - 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leading_number;
+
+    #[test]
+    fn ids_follow_strtoul() {
+        assert_eq!(leading_number("12"), 12);
+        assert_eq!(leading_number("7abc"), 7);
+        assert_eq!(leading_number("abc"), 0);
+        assert_eq!(leading_number(""), 0);
+    }
+}
