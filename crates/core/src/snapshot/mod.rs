@@ -18,7 +18,8 @@ pub use meta::{
 };
 pub use name::validate_snapshot_name;
 pub use tree::{
-    DeletePlan, DeleteScope, ListOutputOptions, ListQuery, Reparent, SnapshotTree, TreeEntry,
+    DeletePlan, DeleteScope, ListOutputOptions, ListQuery, Reparent, SnapshotSummary, SnapshotTree,
+    TreeEntry,
 };
 pub use xlcfg::{parse_snapshot_document, parse_xl_snapshot_config, SnapshotDocumentFormat};
 pub use xml::{

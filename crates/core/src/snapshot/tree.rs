@@ -3,8 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::Serialize;
+
 use super::error::SnapshotMetaError;
-use super::meta::{SnapshotMeta, SnapshotState};
+use super::meta::{DiskSnapshotRecord, MemorySnapshot, SnapshotKind, SnapshotMeta, SnapshotState};
 
 /// A domain's snapshots with their parent links checked: names unique,
 /// parents present, no cycles, at most one current.
@@ -598,6 +600,64 @@ impl SnapshotTree {
     }
 }
 
+/// A snapshot as `--json` output shows it: the record plus what the tree
+/// knows about it (kind, location, children), borrowed from the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotSummary<'a> {
+    /// Snapshot name.
+    pub name: &'a str,
+    /// Owning domain.
+    pub domain: &'a str,
+    /// User's description.
+    pub description: Option<&'a str>,
+    /// Parent snapshot, `None` for a root.
+    pub parent: Option<&'a str>,
+    /// Seconds since the Unix epoch.
+    pub creation_time: i64,
+    /// Captured domain state.
+    pub state: SnapshotState,
+    /// Internal, external or disk-only.
+    pub kind: SnapshotKind,
+    /// `internal` or `external`, as `snapshot-info` says it.
+    pub location: &'static str,
+    /// Whether it is the current snapshot.
+    pub current: bool,
+    /// Number of direct children.
+    pub children: usize,
+    /// Number of descendants.
+    pub descendants: usize,
+    /// Where memory went.
+    pub memory: &'a MemorySnapshot,
+    /// Per-disk records.
+    pub disks: &'a [DiskSnapshotRecord],
+}
+
+impl SnapshotTree {
+    /// The `--json` view of one snapshot.
+    pub fn summary(&self, name: &str) -> Result<SnapshotSummary<'_>, SnapshotMetaError> {
+        let m = self.get(name)?;
+        Ok(SnapshotSummary {
+            name: &m.name,
+            domain: &m.domain,
+            description: m.description.as_deref(),
+            parent: m.parent.as_deref(),
+            creation_time: m.creation_time,
+            state: m.state,
+            kind: m.kind(),
+            location: if m.is_external() {
+                "external"
+            } else {
+                "internal"
+            },
+            current: m.is_current,
+            children: self.children_unchecked(name).len(),
+            descendants: self.descendants_preorder(name).len(),
+            memory: &m.memory,
+            disks: &m.disks,
+        })
+    }
+}
+
 /// One line's worth of a `--tree` drawing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreeEntry {
@@ -1107,6 +1167,142 @@ pub(crate) mod tests {
             tree.current_name("test").unwrap_err().to_string(),
             "domain 'test' has no current snapshot"
         );
+    }
+
+    #[test]
+    fn summary_serializes_tree_facts() {
+        let tree = fan_out();
+        let json = serde_json::to_value(tree.summary("s3").unwrap()).unwrap();
+        assert_eq!(json["name"], "s3");
+        assert_eq!(json["parent"], "s1");
+        assert_eq!(json["kind"], "internal");
+        assert_eq!(json["location"], "internal");
+        assert_eq!(json["state"], "running");
+        assert_eq!(json["current"], false);
+        assert_eq!(json["children"], 2);
+        assert_eq!(json["descendants"], 4);
+        assert_eq!(json["memory"]["vmstate_disk"], "vda");
+        assert_eq!(json["disks"][0]["target"], "vda");
+        assert!(tree.summary("zz").is_err());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Create,
+        Revert(usize),
+        Delete(usize, u8, bool),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => Just(Op::Create),
+            1 => any::<usize>().prop_map(Op::Revert),
+            1 => (any::<usize>(), 0u8..3, any::<bool>()).prop_map(|(i, s, m)| Op::Delete(i, s, m)),
+        ]
+    }
+
+    /// A naive model of libvirt's tree rules: parent map plus current.
+    #[derive(Default)]
+    struct Model {
+        parent: BTreeMap<String, Option<String>>,
+        current: Option<String>,
+    }
+
+    impl Model {
+        fn descendants(&self, n: &str) -> BTreeSet<String> {
+            let mut out = BTreeSet::new();
+            loop {
+                let before = out.len();
+                for (c, p) in &self.parent {
+                    if let Some(p) = p {
+                        if p == n || out.contains(p) {
+                            out.insert(c.clone());
+                        }
+                    }
+                }
+                if out.len() == before {
+                    return out;
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_histories_match_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut tree = SnapshotTree::default();
+            let mut model = Model::default();
+            let mut next = 0;
+            for op in ops {
+                let existing: Vec<String> = model.parent.keys().cloned().collect();
+                match op {
+                    Op::Create => {
+                        next += 1;
+                        let name = format!("n{next}");
+                        let meta = internal_meta(&name, model.current.as_deref(), next);
+                        tree.insert_created(meta).unwrap();
+                        model.parent.insert(name.clone(), model.current.clone());
+                        model.current = Some(name);
+                    }
+                    Op::Revert(i) if !existing.is_empty() => {
+                        let n = &existing[i % existing.len()];
+                        tree.set_current(n).unwrap();
+                        model.current = Some(n.clone());
+                    }
+                    Op::Delete(i, scope, meta_only) if !existing.is_empty() => {
+                        let n = existing[i % existing.len()].clone();
+                        let scope = [DeleteScope::Node, DeleteScope::WithChildren, DeleteScope::ChildrenOnly][scope as usize];
+                        let plan = tree.plan_delete(&n, scope, meta_only).unwrap();
+                        let desc = model.descendants(&n);
+                        let n_parent = model.parent[&n].clone();
+                        let removed: BTreeSet<String> = match scope {
+                            DeleteScope::Node => [n.clone()].into(),
+                            DeleteScope::WithChildren => desc.iter().cloned().chain([n.clone()]).collect(),
+                            DeleteScope::ChildrenOnly => desc.clone(),
+                        };
+                        proptest::prop_assert_eq!(plan.removed.iter().cloned().collect::<BTreeSet<_>>(), removed.clone());
+                        // Children before parents in the removal order.
+                        for (i, r) in plan.removed.iter().enumerate() {
+                            for later in &plan.removed[i + 1..] {
+                                proptest::prop_assert!(!model.descendants(r).contains(later), "{} removed before its descendant {}", r, later);
+                            }
+                        }
+                        if let Some(cur) = model.current.clone() {
+                            if removed.contains(&cur) {
+                                model.current = match scope {
+                                    DeleteScope::ChildrenOnly => Some(n.clone()),
+                                    _ => n_parent.clone(),
+                                };
+                            }
+                        }
+                        if scope == DeleteScope::Node {
+                            for p in model.parent.values_mut() {
+                                if p.as_deref() == Some(n.as_str()) {
+                                    *p = n_parent.clone();
+                                }
+                            }
+                        }
+                        for r in &removed {
+                            model.parent.remove(r);
+                        }
+                        tree.apply_delete(&plan).unwrap();
+                    }
+                    _ => {}
+                }
+                let got: BTreeMap<String, Option<String>> =
+                    tree.metas().map(|m| (m.name.clone(), m.parent.clone())).collect();
+                proptest::prop_assert_eq!(&got, &model.parent);
+                proptest::prop_assert_eq!(tree.current().map(|m| m.name.clone()), model.current.clone());
+                let topo = names(&tree.topological());
+                proptest::prop_assert_eq!(topo.len(), tree.len());
+                for (i, n) in topo.iter().enumerate() {
+                    if let Some(p) = &model.parent[n] {
+                        proptest::prop_assert!(topo[..i].contains(p), "{} listed before its parent {}", n, p);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
