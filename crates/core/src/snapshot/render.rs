@@ -327,6 +327,7 @@ mod tests {
     use crate::snapshot::meta::{MemorySnapshot, SnapshotState};
     use crate::snapshot::tree::tests::fan_out;
     use crate::snapshot::tree::{DeleteScope, ListQuery};
+    use crate::snapshot::SnapshotMeta;
 
     #[test]
     fn creation_time_format() {
@@ -513,6 +514,162 @@ mod tests {
             render_delete_failure("s1", "boom"),
             "error: Failed to delete snapshot s1\nerror: boom\n"
         );
+    }
+
+    /// The fan-out script run through virsh 9.0 (Debian 12's
+    /// libvirt-clients, `--connect test:///default`, TZ=UTC), rebuilt from
+    /// our functions. Every snapshot was taken in the same second there.
+    #[test]
+    fn transcript_matches_virsh_9_0() {
+        const VIRSH: &str = "Domain snapshot s1 created
+Domain snapshot s3 created
+Domain snapshot s2 created
+Domain snapshot s3 reverted
+
+Domain snapshot s6 created
+Domain snapshot s5 created
+Domain snapshot s6 reverted
+
+Domain snapshot s4 created
+Domain snapshot s1 reverted
+
+Domain snapshot s7 created
+Domain snapshot s8 created
+s1
+  |
+  +- s3
+  |   |
+  |   +- s2
+  |   +- s6
+  |       |
+  |       +- s4
+  |       +- s5
+  |         \n  +- s7
+      |
+      +- s8
+        \n
+s1
+s7
+s8
+s3
+s6
+s4
+s5
+s2
+
+ Name   Creation Time               State     Parent
+------------------------------------------------------
+ s1     2026-11-22 01:24:35 +0000   running   \n s2     2026-11-22 01:24:35 +0000   running   s3
+ s3     2026-11-22 01:24:35 +0000   running   s1
+ s4     2026-11-22 01:24:35 +0000   running   s6
+ s5     2026-11-22 01:24:35 +0000   running   s6
+ s6     2026-11-22 01:24:35 +0000   running   s3
+ s7     2026-11-22 01:24:35 +0000   running   s1
+ s8     2026-11-22 01:24:35 +0000   running   s7
+
+s6
+s4
+s5
+s2
+
+ Name   Creation Time   State
+-------------------------------
+
+Name:           s3
+Domain:         test
+Current:        no
+State:          running
+Location:       internal
+Parent:         s1
+Children:       2
+Descendants:    4
+Metadata:       yes
+
+s6
+  |
+  +- s4
+  +- s5
+    \n
+Domain snapshot s3 deleted
+
+s1
+  |
+  +- s2
+  +- s6
+  |   |
+  |   +- s4
+  |   +- s5
+  |     \n  +- s7
+      |
+      +- s8
+        \n
+";
+        let mut out = String::new();
+        let mut tree = SnapshotTree::default();
+        let mut clock = 1_000;
+        let mut create = |tree: &mut SnapshotTree, out: &mut String, name: &str| {
+            clock += 10;
+            let parent = tree.current().map(|m| m.name.clone());
+            tree.insert_created(internal_meta(name, parent.as_deref(), clock))
+                .unwrap();
+            out.push_str(&msg_created(name));
+        };
+        let revert = |tree: &mut SnapshotTree, out: &mut String, name: &str| {
+            tree.set_current(name).unwrap();
+            out.push_str(&msg_reverted(name));
+        };
+        create(&mut tree, &mut out, "s1");
+        create(&mut tree, &mut out, "s3");
+        create(&mut tree, &mut out, "s2");
+        revert(&mut tree, &mut out, "s3");
+        create(&mut tree, &mut out, "s6");
+        create(&mut tree, &mut out, "s5");
+        revert(&mut tree, &mut out, "s6");
+        create(&mut tree, &mut out, "s4");
+        revert(&mut tree, &mut out, "s1");
+        create(&mut tree, &mut out, "s7");
+        create(&mut tree, &mut out, "s8");
+        out.push_str(&render_tree(&tree.tree_entries(None).unwrap()));
+        let topo = ListQuery {
+            topological: true,
+            ..Default::default()
+        };
+        out.push_str(&render_list_names(&tree.list(&topo).unwrap()));
+        let same_second: Vec<SnapshotMeta> = tree
+            .list(&ListQuery::default())
+            .unwrap()
+            .into_iter()
+            .map(|m| SnapshotMeta {
+                creation_time: 1_795_310_675,
+                ..m.clone()
+            })
+            .collect();
+        let rows: Vec<&SnapshotMeta> = same_second.iter().collect();
+        out.push_str(&render_list_table(&rows, true, TimeZone::Fixed(0)));
+        let from_s3 = ListQuery {
+            from: Some("s3".into()),
+            descendants: true,
+            topological: true,
+            ..Default::default()
+        };
+        out.push_str(&render_list_names(&tree.list(&from_s3).unwrap()));
+        let leaf_roots = ListQuery {
+            leaves: true,
+            roots: true,
+            ..Default::default()
+        };
+        out.push_str(&render_list_table(
+            &tree.list(&leaf_roots).unwrap(),
+            false,
+            TimeZone::Fixed(0),
+        ));
+        out.push_str(&render_info(&tree, tree.get("s3").unwrap()));
+        out.push_str(&render_tree(&tree.tree_entries(Some("s6")).unwrap()));
+        let plan = tree.plan_delete("s3", DeleteScope::Node, false).unwrap();
+        tree.apply_delete(&plan).unwrap();
+        out.push_str(&msg_deleted("s3"));
+        out.push_str(&render_tree(&tree.tree_entries(None).unwrap()));
+        assert_eq!(out, VIRSH);
     }
 
     #[test]
