@@ -16,7 +16,7 @@ pub use error::{SnapshotMetaError, SnapshotMetaErrorKind};
 pub use meta::{
     DiskSnapshotMode, DiskSnapshotRecord, MemorySnapshot, SnapshotKind, SnapshotMeta, SnapshotState,
 };
-pub use name::validate_snapshot_name;
+pub use name::{default_snapshot_name, validate_snapshot_name};
 pub use tree::{
     DeletePlan, DeleteScope, ListOutputOptions, ListQuery, Reparent, SnapshotSummary, SnapshotTree,
     TreeEntry,

@@ -34,6 +34,12 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), SnapshotMetaError> {
     Ok(())
 }
 
+/// The name libvirt gives a snapshot created without one: its creation
+/// time in seconds since the epoch.
+pub fn default_snapshot_name(creation_time: i64) -> String {
+    creation_time.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +57,12 @@ mod tests {
         ] {
             assert_eq!(validate_snapshot_name(name), Ok(()), "{name}");
         }
+    }
+
+    #[test]
+    fn default_name_is_the_creation_second() {
+        assert_eq!(default_snapshot_name(1_795_310_675), "1795310675");
+        assert_eq!(validate_snapshot_name(&default_snapshot_name(0)), Ok(()));
     }
 
     #[test]
