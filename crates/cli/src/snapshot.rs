@@ -1,0 +1,618 @@
+//! Snapshot commands with virsh's names, flags, messages and output formats
+//! (`snapshot-create-as`, `snapshot-list`, `snapshot-revert`, ...), over
+//! `vmsnap_core::snapshot`. Rendering only: every decision is the core's.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use vmsnap_core::snapshot::orchestrate::{
+    CreateRequest, DiskSpec, MemSpec, Orchestrator, Progress, RevertMode,
+};
+use vmsnap_core::snapshot::render::{self, TimeZone};
+use vmsnap_core::snapshot::tree::{DeleteScope, ListOutputOptions, ListQuery, SnapshotTree};
+use vmsnap_core::snapshot::xml::{snapshot_to_xml, DomainDiskSource};
+use vmsnap_core::snapshot::{parse_snapshot_document, DiskSnapshotMode, SnapshotMeta};
+use vmsnap_core::Host;
+
+use crate::Globals;
+
+/// The snapshot commands (top-level, as in virsh).
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Create a snapshot from arguments.
+    #[command(name = "snapshot-create-as")]
+    CreateAs {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name (default: the current time in seconds).
+        name: Option<String>,
+        /// Description.
+        description: Option<String>,
+        /// Snapshot name (alternative to the positional argument).
+        #[arg(long = "name", value_name = "NAME")]
+        name_flag: Option<String>,
+        /// Description (alternative to the positional argument).
+        #[arg(long = "description", value_name = "TEXT")]
+        description_flag: Option<String>,
+        /// Disks only, no memory.
+        #[arg(long)]
+        disk_only: bool,
+        /// Memory: `[file=]PATH[,snapshot=external|internal|no]`.
+        #[arg(long, value_name = "SPEC")]
+        memspec: Option<String>,
+        /// Disk: `DISK[,snapshot=internal|external|no][,driver=qcow2][,file=PATH]` (repeatable).
+        #[arg(long, value_name = "SPEC")]
+        diskspec: Vec<String>,
+        /// External snapshot with files named by vmsnap in the state directory.
+        #[arg(long)]
+        external: bool,
+        /// Accepted for virsh compatibility: snapshots are always atomic.
+        #[arg(long)]
+        atomic: bool,
+        /// Accepted for virsh compatibility: running guests are always snapshotted live.
+        #[arg(long)]
+        live: bool,
+    },
+    /// Create a snapshot from libvirt domainsnapshot XML or an xl snapshot config.
+    #[command(name = "snapshot-create")]
+    Create {
+        /// Domain name.
+        domain: String,
+        /// The document (XML or xl config, told apart by content).
+        file: PathBuf,
+        /// Record metadata for a snapshot whose data exists already.
+        #[arg(long)]
+        redefine: bool,
+        /// With --redefine: make it the current snapshot.
+        #[arg(long)]
+        current: bool,
+    },
+    /// List snapshots.
+    #[command(name = "snapshot-list")]
+    List {
+        /// Domain name.
+        domain: String,
+        /// Draw the snapshot tree.
+        #[arg(long)]
+        tree: bool,
+        /// Add a Parent column.
+        #[arg(long)]
+        parent: bool,
+        /// Only snapshots without a parent.
+        #[arg(long)]
+        roots: bool,
+        /// Only snapshots without children.
+        #[arg(long)]
+        leaves: bool,
+        /// Only snapshots with children.
+        #[arg(long)]
+        no_leaves: bool,
+        /// Only children (or --descendants) of this snapshot.
+        #[arg(long, value_name = "SNAPSHOT")]
+        from: Option<String>,
+        /// Start from the current snapshot.
+        #[arg(long)]
+        current: bool,
+        /// With --from/--current: all descendants.
+        #[arg(long)]
+        descendants: bool,
+        /// Names only.
+        #[arg(long)]
+        name: bool,
+        /// Parents before children.
+        #[arg(long)]
+        topological: bool,
+        /// Only internal snapshots.
+        #[arg(long)]
+        internal: bool,
+        /// Only external snapshots.
+        #[arg(long)]
+        external: bool,
+        /// Only disk-only snapshots of a running guest.
+        #[arg(long)]
+        disk_only: bool,
+        /// Only snapshots of a running or paused guest.
+        #[arg(long)]
+        active: bool,
+        /// Only snapshots of a stopped domain.
+        #[arg(long)]
+        inactive: bool,
+    },
+    /// Show a snapshot's details.
+    #[command(name = "snapshot-info")]
+    Info {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: Option<String>,
+        /// The current snapshot.
+        #[arg(long)]
+        current: bool,
+    },
+    /// Print a snapshot as libvirt domainsnapshot XML.
+    #[command(name = "snapshot-dumpxml")]
+    Dumpxml {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Print a snapshot's parent.
+    #[command(name = "snapshot-parent")]
+    Parent {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: Option<String>,
+        /// The current snapshot.
+        #[arg(long)]
+        current: bool,
+    },
+    /// Show (or set) the current snapshot.
+    #[command(name = "snapshot-current")]
+    Current {
+        /// Domain name.
+        domain: String,
+        /// Make this snapshot current.
+        snapshot: Option<String>,
+        /// Print only the name.
+        #[arg(long)]
+        name: bool,
+    },
+    /// Revert the domain to a snapshot.
+    #[command(name = "snapshot-revert")]
+    Revert {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: Option<String>,
+        /// The current snapshot.
+        #[arg(long)]
+        current: bool,
+        /// Leave the guest running.
+        #[arg(long)]
+        running: bool,
+        /// Leave the guest paused.
+        #[arg(long)]
+        paused: bool,
+        /// Accepted for virsh compatibility.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete a snapshot.
+    #[command(name = "snapshot-delete")]
+    Delete {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: Option<String>,
+        /// The current snapshot.
+        #[arg(long)]
+        current: bool,
+        /// Also delete its descendants.
+        #[arg(long)]
+        children: bool,
+        /// Delete only its descendants.
+        #[arg(long)]
+        children_only: bool,
+        /// Forget the snapshot(s) but leave their data alone.
+        #[arg(long)]
+        metadata: bool,
+    },
+    /// Finish or roll back what an interrupted vmsnap left on a domain, and remove unneeded files.
+    #[command(name = "snapshot-recover")]
+    Recover {
+        /// Domain name.
+        domain: String,
+    },
+}
+
+/// Runs one snapshot command.
+pub fn run(command: SnapshotCommand, globals: &Globals) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let host = Host::open(globals.state_dir.as_deref())?;
+    let orchestrator = Orchestrator::new(&host)?.wait_for_lock(globals.wait);
+    let output = runtime.block_on(execute(command, &host, &orchestrator, globals.json))?;
+    print!("{output}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on stderr, drawn only on a terminal.
+struct Bars {
+    bar: Mutex<Option<(String, ProgressBar)>>,
+    enabled: bool,
+}
+
+impl Bars {
+    fn new() -> Bars {
+        Bars {
+            bar: Mutex::new(None),
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn update(&self, progress: Progress<'_>) {
+        if !self.enabled {
+            return;
+        }
+        let mut slot = self.bar.lock().expect("progress lock");
+        let fresh = !matches!(&*slot, Some((step, _)) if step == progress.step);
+        if fresh {
+            if let Some((_, old)) = slot.take() {
+                old.finish_and_clear();
+            }
+            let bar = ProgressBar::new(progress.total.max(1));
+            let style = if progress.total > 1 {
+                ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {elapsed}")
+            } else {
+                ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            };
+            if let Ok(style) = style {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_message(progress.step.to_string());
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            *slot = Some((progress.step.to_string(), bar));
+        }
+        if let Some((_, bar)) = &*slot {
+            if progress.total > 1 {
+                bar.set_length(progress.total);
+                bar.set_position(progress.done);
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some((_, bar)) = self.bar.lock().expect("progress lock").take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn resolve_name(
+    orchestrator: &Orchestrator<'_>,
+    domain: &str,
+    snapshot: Option<String>,
+    current: bool,
+) -> Result<String> {
+    match (snapshot, current) {
+        (Some(name), false) => Ok(name),
+        (None, true) => {
+            orchestrator.tree(domain)?;
+            orchestrator
+                .snapshots()
+                .current(domain)?
+                .with_context(|| format!("domain {domain} has no current snapshot"))
+        }
+        (Some(_), true) => bail!("--current and a snapshot name are mutually exclusive"),
+        (None, false) => bail!("a snapshot name (or --current) is required"),
+    }
+}
+
+fn meta_json(meta: &SnapshotMeta, tree: &SnapshotTree) -> serde_json::Value {
+    json!({
+        "name": meta.name,
+        "domain": meta.domain,
+        "description": meta.description,
+        "parent": meta.parent,
+        "creation_time": meta.creation_time,
+        "state": meta.state.as_str(),
+        "kind": meta.kind().as_str(),
+        "location": if meta.is_external() { "external" } else { "internal" },
+        "current": meta.is_current,
+        "children": tree.children(&meta.name).map(|c| c.len()).unwrap_or(0),
+        "descendants": tree.descendants(&meta.name).map(|c| c.len()).unwrap_or(0),
+        "memory": meta.memory,
+        "disks": meta.disks,
+    })
+}
+
+async fn execute(
+    command: SnapshotCommand,
+    host: &Host,
+    orchestrator: &Orchestrator<'_>,
+    json_output: bool,
+) -> Result<String> {
+    let bars = Bars::new();
+    let progress = |p: Progress<'_>| bars.update(p);
+    match command {
+        SnapshotCommand::CreateAs {
+            domain,
+            name,
+            description,
+            name_flag,
+            description_flag,
+            disk_only,
+            memspec,
+            diskspec,
+            external,
+            atomic: _,
+            live: _,
+        } => {
+            let request = CreateRequest {
+                name: name_flag.or(name),
+                description: description_flag.or(description),
+                disk_only,
+                memspec: memspec.as_deref().map(MemSpec::parse).transpose()?,
+                diskspecs: diskspec
+                    .iter()
+                    .map(|s| DiskSpec::parse(s))
+                    .collect::<Result<_, _>>()?,
+                external,
+            };
+            let outcome = orchestrator.create(&domain, &request, &progress).await;
+            bars.finish();
+            let outcome = outcome?;
+            if json_output {
+                return Ok(serde_json::to_string_pretty(&json!({
+                    "name": outcome.name,
+                    "kind": outcome.kind.as_str(),
+                    "pause_ms": outcome.pause_ms,
+                    "background": outcome.background,
+                    "notes": outcome.notes,
+                }))? + "\n");
+            }
+            for note in &outcome.notes {
+                eprintln!("note: {note}");
+            }
+            Ok(render::msg_created(&outcome.name))
+        }
+        SnapshotCommand::Create {
+            domain,
+            file,
+            redefine,
+            current,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let (_, definition) = parse_snapshot_document(&text)?;
+            if redefine {
+                let vm = host.domain(&domain)?;
+                let disks: Vec<DomainDiskSource> = vm
+                    .disks()
+                    .iter()
+                    .filter_map(|chain| {
+                        chain.active().map(|layer| DomainDiskSource {
+                            target: chain.target.clone(),
+                            file: layer.path.clone(),
+                            format: layer.format.as_str().to_string(),
+                        })
+                    })
+                    .collect();
+                let meta =
+                    definition.into_redefined_meta(&domain, &vm.config().to_toml(), &disks)?;
+                let name = meta.name.clone();
+                orchestrator.redefine(&domain, meta, current)?;
+                return Ok(render::msg_created(&name));
+            }
+            if current {
+                bail!("--current needs --redefine");
+            }
+            let memspec = definition.memory.as_ref().map(|m| MemSpec {
+                mode: m.mode,
+                file: m.file.clone(),
+            });
+            let request = CreateRequest {
+                name: definition.name.clone(),
+                description: definition.description.clone(),
+                disk_only: memspec
+                    .as_ref()
+                    .is_some_and(|m| m.mode == DiskSnapshotMode::No),
+                memspec: memspec.filter(|m| m.mode != DiskSnapshotMode::No),
+                diskspecs: definition
+                    .disks
+                    .iter()
+                    .map(|d| DiskSpec {
+                        target: d.target.clone(),
+                        mode: d.mode,
+                        file: d.file.clone(),
+                    })
+                    .collect(),
+                external: false,
+            };
+            let outcome = orchestrator.create(&domain, &request, &progress).await;
+            bars.finish();
+            let outcome = outcome?;
+            for note in &outcome.notes {
+                eprintln!("note: {note}");
+            }
+            Ok(render::msg_created(&outcome.name))
+        }
+        SnapshotCommand::List {
+            domain,
+            tree,
+            parent,
+            roots,
+            leaves,
+            no_leaves,
+            from,
+            current,
+            descendants,
+            name,
+            topological,
+            internal,
+            external,
+            disk_only,
+            active,
+            inactive,
+        } => {
+            let snapshots = orchestrator.tree(&domain)?;
+            let from = match (from, current) {
+                (Some(_), true) => bail!("--from and --current are mutually exclusive"),
+                (Some(from), false) => Some(from),
+                (None, true) => Some(
+                    snapshots
+                        .current()
+                        .map(|m| m.name.clone())
+                        .with_context(|| format!("domain {domain} has no current snapshot"))?,
+                ),
+                (None, false) => None,
+            };
+            let query = ListQuery {
+                from: from.clone(),
+                descendants,
+                roots,
+                leaves,
+                no_leaves,
+                active,
+                inactive,
+                disk_only,
+                internal,
+                external,
+                topological,
+            };
+            query.check_options(ListOutputOptions {
+                tree,
+                name,
+                parent,
+                current,
+            })?;
+            if tree {
+                let entries = snapshots.tree_entries(from.as_deref())?;
+                if json_output {
+                    let list: Vec<_> = entries
+                        .iter()
+                        .map(|e| json!({"name": e.name, "parent": e.parent}))
+                        .collect();
+                    return Ok(serde_json::to_string_pretty(&list)? + "\n");
+                }
+                return Ok(render::render_tree(&entries));
+            }
+            let picked = snapshots.list(&query)?;
+            if json_output {
+                let list: Vec<_> = picked.iter().map(|m| meta_json(m, &snapshots)).collect();
+                return Ok(serde_json::to_string_pretty(&list)? + "\n");
+            }
+            if name {
+                return Ok(render::render_list_names(&picked));
+            }
+            Ok(render::render_list_table(&picked, parent, TimeZone::Local))
+        }
+        SnapshotCommand::Info {
+            domain,
+            snapshot,
+            current,
+        } => {
+            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
+            let tree = orchestrator.tree(&domain)?;
+            let meta = orchestrator.get(&domain, &name)?.meta;
+            if json_output {
+                return Ok(serde_json::to_string_pretty(&meta_json(&meta, &tree))? + "\n");
+            }
+            Ok(render::render_info(&tree, &meta))
+        }
+        SnapshotCommand::Dumpxml { domain, snapshot } => {
+            let meta = orchestrator.get(&domain, &snapshot)?.meta;
+            Ok(snapshot_to_xml(&meta))
+        }
+        SnapshotCommand::Parent {
+            domain,
+            snapshot,
+            current,
+        } => {
+            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
+            let meta = orchestrator.get(&domain, &name)?.meta;
+            match meta.parent {
+                Some(parent) => Ok(render::render_name(&parent)),
+                None => bail!("snapshot '{name}' does not have a parent"),
+            }
+        }
+        SnapshotCommand::Current {
+            domain,
+            snapshot,
+            name,
+        } => {
+            if let Some(snapshot) = snapshot {
+                orchestrator.set_current(&domain, &snapshot)?;
+                return Ok(render::msg_set_current(&snapshot));
+            }
+            orchestrator.tree(&domain)?;
+            let current = orchestrator
+                .snapshots()
+                .current(&domain)?
+                .with_context(|| format!("domain {domain} has no current snapshot"))?;
+            if name {
+                return Ok(render::render_name(&current));
+            }
+            let meta = orchestrator.get(&domain, &current)?.meta;
+            Ok(snapshot_to_xml(&meta))
+        }
+        SnapshotCommand::Revert {
+            domain,
+            snapshot,
+            current,
+            running,
+            paused,
+            force: _,
+        } => {
+            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
+            let mode = match (running, paused) {
+                (true, true) => bail!("--running and --paused are mutually exclusive"),
+                (true, false) => RevertMode::Running,
+                (false, true) => RevertMode::Paused,
+                (false, false) => RevertMode::AsRecorded,
+            };
+            let outcome = orchestrator.revert(&domain, &name, mode, &progress).await;
+            bars.finish();
+            let outcome = outcome?;
+            for note in &outcome.notes {
+                eprintln!("note: {note}");
+            }
+            if json_output {
+                return Ok(serde_json::to_string_pretty(&outcome)? + "\n");
+            }
+            Ok(render::msg_reverted(&name))
+        }
+        SnapshotCommand::Delete {
+            domain,
+            snapshot,
+            current,
+            children,
+            children_only,
+            metadata,
+        } => {
+            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
+            let scope = match (children, children_only) {
+                (true, true) => bail!("--children and --children-only are mutually exclusive"),
+                (true, false) => DeleteScope::WithChildren,
+                (false, true) => DeleteScope::ChildrenOnly,
+                (false, false) => DeleteScope::Node,
+            };
+            let outcome = orchestrator
+                .delete(&domain, &name, scope, metadata, &progress)
+                .await;
+            bars.finish();
+            let outcome = outcome?;
+            for note in &outcome.notes {
+                eprintln!("note: {note}");
+            }
+            if json_output {
+                return Ok(serde_json::to_string_pretty(&outcome)? + "\n");
+            }
+            Ok(if children_only {
+                render::msg_children_deleted(&name)
+            } else {
+                render::msg_deleted(&name)
+            })
+        }
+        SnapshotCommand::Recover { domain } => {
+            let notes = orchestrator.recover(&domain).await?;
+            if json_output {
+                return Ok(serde_json::to_string_pretty(&notes)? + "\n");
+            }
+            if notes.is_empty() {
+                return Ok(format!("Domain {domain} needs no recovery\n\n"));
+            }
+            Ok(notes.iter().map(|n| format!("{n}\n")).collect::<String>() + "\n")
+        }
+    }
+}
