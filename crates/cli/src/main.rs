@@ -2,7 +2,13 @@
 //!
 //! All logic a library caller could need lives in the library crates; this binary
 //! only parses arguments, calls the library and renders tables, trees and JSON.
+//!
+//! Command groups are modules: `img` is a subcommand of its own, the domain
+//! (and later snapshot) commands are flattened to the top level as virsh has
+//! them. Adding a group is a variant (`#[command(flatten)] X(x::XCommand)`)
+//! and its dispatch arm.
 
+mod domain;
 mod img;
 
 use std::path::PathBuf;
@@ -19,6 +25,9 @@ pub struct Globals {
     /// Print data as JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Wait for a domain another vmsnap command is working on, instead of failing at once.
+    #[arg(long, global = true)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Parser)]
@@ -34,12 +43,15 @@ struct Cli {
 enum Command {
     /// Work on disk images directly (flags as qemu-img has them).
     Img(img::ImgArgs),
+    #[command(flatten)]
+    Domain(domain::DomainCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Img(args) => img::run(args, &cli.globals),
+        Command::Domain(command) => domain::run(command, &cli.globals),
     };
     match result {
         Ok(code) => code,

@@ -297,8 +297,9 @@ impl Host {
             QemuProcess::Alive(_) => {
                 return Err(Error::InvalidState {
                     name: name.to_string(),
+                    action: "undefine".into(),
                     state: "running".into(),
-                    hint: "destroy it or shut it down before undefining it".into(),
+                    hint: "destroy it or shut it down first".into(),
                 })
             }
             QemuProcess::NotRunning | QemuProcess::Gone(_) => {}
@@ -437,8 +438,13 @@ impl Domain {
 
     /// A QMP connection for a command holding the domain lock (the main monitor).
     pub async fn connect_qmp(&self, lock: &DomainLock) -> Result<Qmp> {
+        self.connect_main(lock, "talk to").await
+    }
+
+    /// [`Domain::connect_qmp`], naming the refused `action` if QEMU is not running.
+    async fn connect_main(&self, lock: &DomainLock, action: &str) -> Result<Qmp> {
         lock.check(self.name())?;
-        self.require_alive()?;
+        self.require_alive(action)?;
         Qmp::connect(&self.paths.qmp_socket, QMP_CONNECT_TIMEOUT)
             .await
             .map_err(|source| Error::Qmp {
@@ -450,7 +456,7 @@ impl Domain {
     /// A QMP connection on the read-only monitor, for queries without the lock.
     /// Other lock-free readers may queue on it briefly; keep conversations short.
     pub async fn connect_query(&self) -> Result<Qmp> {
-        self.require_alive()?;
+        self.require_alive("query")?;
         Qmp::connect(&self.paths.query_socket, QMP_CONNECT_TIMEOUT)
             .await
             .map_err(|source| Error::Qmp {
@@ -459,22 +465,28 @@ impl Domain {
             })
     }
 
-    fn require_alive(&self) -> Result<u32> {
+    fn require_alive(&self, action: &str) -> Result<u32> {
         match self.process()? {
             QemuProcess::Alive(pid) => Ok(pid),
-            QemuProcess::NotRunning => Err(self.not_running("shut off")),
-            QemuProcess::Gone(_) => Err(self.not_running("crashed")),
+            QemuProcess::NotRunning => Err(self.not_running(action, self.inactive_state())),
+            QemuProcess::Gone(_) => Err(self.not_running(action, "crashed")),
         }
     }
 
-    fn not_running(&self, state: &str) -> Error {
+    /// How an inactive domain shows in `list`: crashed if its last run crashed.
+    fn inactive_state(&self) -> &'static str {
+        match self.record.last_exit {
+            Some(LastExit::Crashed) => DomainState::Crashed.as_str(),
+            _ => DomainState::ShutOff.as_str(),
+        }
+    }
+
+    fn not_running(&self, action: &str, state: &str) -> Error {
         Error::InvalidState {
             name: self.name().to_string(),
+            action: action.to_string(),
             state: state.to_string(),
-            hint: format!(
-                "it is not running; start it with `vmsnap start {}`",
-                self.name()
-            ),
+            hint: format!("start it with `vmsnap start {}`", self.name()),
         }
     }
 
@@ -505,8 +517,9 @@ impl Domain {
             let state = self.state().await?;
             return Err(Error::InvalidState {
                 name: self.name().to_string(),
-                state: state.to_string(),
-                hint: "it is already running".into(),
+                action: "start".into(),
+                state: format!("already {state}"),
+                hint: String::new(),
             });
         }
         for chain in disks {
@@ -636,7 +649,7 @@ impl Domain {
     /// Asks the guest to power off (ACPI power button) and returns at once,
     /// as `virsh shutdown` does; QEMU exits when the guest has shut down.
     pub async fn shutdown(&self, lock: &DomainLock) -> Result<()> {
-        let qmp = self.connect_qmp(lock).await?;
+        let qmp = self.connect_main(lock, "shut down").await?;
         let result = qmp.system_powerdown().await;
         qmp.close().await;
         result.map_err(|source| Error::Qmp {
@@ -651,8 +664,10 @@ impl Domain {
         lock.check(self.name())?;
         let pid = match self.reconcile(store, lock)? {
             QemuProcess::Alive(pid) => pid,
-            QemuProcess::NotRunning => return Err(self.not_running("shut off")),
-            QemuProcess::Gone(_) => return Err(self.not_running("crashed")),
+            QemuProcess::NotRunning => {
+                return Err(self.not_running("destroy", self.inactive_state()))
+            }
+            QemuProcess::Gone(_) => return Err(self.not_running("destroy", "crashed")),
         };
         kill(pid, libc::SIGTERM);
         if !wait_gone(pid, &self.paths.pid_file, TERM_GRACE).await {
@@ -669,7 +684,7 @@ impl Domain {
 
     /// Pauses the guest's vCPUs (QMP `stop`).
     pub async fn suspend(&self, lock: &DomainLock) -> Result<()> {
-        let qmp = self.connect_qmp(lock).await?;
+        let qmp = self.connect_main(lock, "suspend").await?;
         let result = qmp.stop().await;
         qmp.close().await;
         result.map_err(|source| Error::Qmp {
@@ -680,7 +695,7 @@ impl Domain {
 
     /// Lets the guest's vCPUs run again (QMP `cont`).
     pub async fn resume(&self, lock: &DomainLock) -> Result<()> {
-        let qmp = self.connect_qmp(lock).await?;
+        let qmp = self.connect_main(lock, "resume").await?;
         let result = qmp.cont().await;
         qmp.close().await;
         result.map_err(|source| Error::Qmp {
@@ -696,7 +711,7 @@ impl Domain {
         command: &str,
         arguments: Option<serde_json::Value>,
     ) -> Result<serde_json::Value> {
-        let qmp = self.connect_qmp(lock).await?;
+        let qmp = self.connect_main(lock, "run a QMP command on").await?;
         let result = qmp.execute(command, arguments).await;
         qmp.close().await;
         result.map_err(|source| Error::Qmp {

@@ -70,13 +70,15 @@ pub enum Error {
     },
 
     /// The domain is not in a state that allows the request.
-    #[error("domain '{name}' is {state}: {hint}")]
+    #[error("cannot {action} domain '{name}': it is {state}{}", if hint.is_empty() { String::new() } else { format!("; {hint}") })]
     InvalidState {
         /// The domain.
         name: String,
+        /// What was asked ("start", "suspend", ...).
+        action: String,
         /// Its current state as `list` shows it.
         state: String,
-        /// What the user can do instead.
+        /// What the user can do instead (may be empty).
         hint: String,
     },
 

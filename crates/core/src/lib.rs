@@ -16,7 +16,7 @@ pub use cmdline::LaunchOptions;
 pub use config::{Accel, DiskConfig, DiskFormat, DomainConfig};
 pub use disk::{DiskChain, DiskLayer};
 pub use domain::{DiskStats, Domain, DomainState, Host, QemuProcess};
+pub use error::{Error, ErrorKind, Result};
 pub use lock::{DomainLock, LockWait};
 pub use state::{DomainPaths, StateDir};
 pub use store::Store;
-pub use error::{Error, ErrorKind, Result};

@@ -101,7 +101,8 @@ impl DomainLock {
         } else {
             Err(Error::InvalidState {
                 name: domain.to_string(),
-                state: "not locked".into(),
+                action: "change".into(),
+                state: "not locked by this command".into(),
                 hint: format!("the lock passed belongs to domain '{}'", self.domain),
             })
         }

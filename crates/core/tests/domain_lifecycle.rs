@@ -121,7 +121,10 @@ async fn define_start_io_suspend_resume_destroy_undefine() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidState);
-    assert!(err.to_string().contains("already running"), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "cannot start domain 'life': it is already running"
+    );
     assert_eq!(domain.state().await.unwrap(), DomainState::Running);
 
     // Runtime files are private.

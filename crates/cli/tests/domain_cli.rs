@@ -1,0 +1,418 @@
+//! The domain commands end to end: the `vmsnap` binary against real
+//! qemu-system-x86_64 7.2 and the test guest (TCG), judged by virsh's output
+//! formats, exit codes and the guest's own view of its disks.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vmsnap_core::{DomainLock, StateDir};
+use vmsnap_testguest::{guest_initrd, guest_kernel, Guest, GUEST_KERNEL_CMDLINE};
+
+struct Cli {
+    dir: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new() -> Cli {
+        Cli {
+            dir: tempfile::Builder::new()
+                .prefix("vmsnap-cli")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
+        command.env("VMSNAP_STATE_DIR", self.state()).args(args);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vmsnap {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail with exit code 1 and a one-line error; returns it.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(out.status.code(), Some(1), "vmsnap {args:?} should fail");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "one-line error expected: {stderr}"
+        );
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        stderr.trim_end().to_string()
+    }
+
+    fn write_config(&self, name: &str) -> PathBuf {
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(self.path("vda.qcow2"))
+            .arg("64M")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let config = format!(
+            r#"name = "{name}"
+memory_mib = 256
+vcpus = 1
+accel = "tcg"
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "{GUEST_KERNEL_CMDLINE}"
+qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={ctl},server=on,wait=off", "-device", "isa-serial,chardev=ctl"]
+
+[[disk]]
+target = "vda"
+file = "vda.qcow2"
+format = "qcow2"
+"#,
+            kernel = guest_kernel().unwrap().display(),
+            initrd = guest_initrd().unwrap().display(),
+            ctl = self.path("ctl.sock").display(),
+        );
+        let path = self.path(&format!("{name}.toml"));
+        fs::write(&path, config).unwrap();
+        path
+    }
+
+    fn pid_file(&self, name: &str) -> PathBuf {
+        self.state().join("domains").join(name).join("qemu.pid")
+    }
+
+    fn qemu_pid(&self, name: &str) -> Option<u32> {
+        fs::read_to_string(self.pid_file(name))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    }
+
+    fn wait_for_state(&self, name: &str, state: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let list = self.ok(&["list", "--all"]);
+            if row_of(&list, name).is_some_and(|row| row.ends_with(state)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never became {state}: {list}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        // Never leave a QEMU behind, whatever the test did.
+        for name in ["clidom"] {
+            if let Some(pid) = self.qemu_pid(name) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+fn row_of<'a>(list: &'a str, name: &str) -> Option<&'a str> {
+    list.lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(name))
+        .map(str::trim_end)
+}
+
+fn stat(output: &str, field: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next() == Some("vda") && parts.next() == Some(field))
+                .then(|| parts.next().unwrap().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {field} in {output}"))
+}
+
+#[test]
+fn domain_commands_round_trip() {
+    let cli = Cli::new();
+    let config = cli.write_config("clidom");
+    let config_arg = config.to_str().unwrap();
+
+    assert_eq!(
+        cli.ok(&["define", config_arg]),
+        format!("Domain 'clidom' defined from {config_arg}\n\n")
+    );
+    assert_eq!(
+        cli.fails(&["define", config_arg]),
+        "error: domain 'clidom' is already defined: undefine it first or pick another name"
+    );
+    assert_eq!(
+        cli.ok(&["list"]),
+        " Id   Name   State\n--------------------\n\n"
+    );
+    assert_eq!(
+        cli.ok(&["list", "--all"]),
+        " Id   Name     State\n-------------------------\n -    clidom   shut off\n\n"
+    );
+    assert!(cli
+        .ok(&["dominfo", "clidom"])
+        .contains("\nState:          shut off\n"));
+    assert_eq!(
+        cli.ok(&["domblklist", "clidom"]),
+        format!(
+            " Target   Source\n{}\n vda      {}\n\n",
+            "-".repeat(
+                9 + fs::canonicalize(cli.path("vda.qcow2"))
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .len()
+                    + 3
+            ),
+            fs::canonicalize(cli.path("vda.qcow2")).unwrap().display()
+        )
+    );
+    assert_eq!(
+        cli.fails(&["suspend", "clidom"]),
+        "error: cannot suspend domain 'clidom': it is shut off; start it with `vmsnap start clidom`"
+    );
+
+    assert_eq!(cli.ok(&["start", "clidom"]), "Domain 'clidom' started\n\n");
+    assert_eq!(
+        cli.fails(&["start", "clidom"]),
+        "error: cannot start domain 'clidom': it is already running"
+    );
+    let list = cli.ok(&["list"]);
+    let row = row_of(&list, "clidom").unwrap();
+    let id: u32 = row.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(row.ends_with("clidom   running"), "{list}");
+    let info = cli.ok(&["dominfo", "clidom"]);
+    for expected in [
+        format!("Id:             {id}\n"),
+        "Name:           clidom\n".to_string(),
+        "OS Type:        hvm\n".to_string(),
+        "State:          running\n".to_string(),
+        "CPU(s):         1\n".to_string(),
+        "Max memory:     262144 KiB\n".to_string(),
+        "Used memory:    262144 KiB\n".to_string(),
+    ] {
+        assert!(info.contains(&expected), "{expected:?} not in {info}");
+    }
+    let listed: serde_json::Value = serde_json::from_str(&cli.ok(&["list", "--json"])).unwrap();
+    assert_eq!(listed[0]["name"], "clidom");
+    assert_eq!(listed[0]["state"], "running");
+    assert_eq!(listed[0]["id"], id);
+
+    // The guest writes 512 KiB to vda; QEMU's counters, as domblkstat shows them, grow.
+    let mut guest = Guest::connect(cli.path("ctl.sock"), Duration::from_secs(90)).unwrap();
+    let before = cli.ok(&["domblkstat", "clidom", "vda"]);
+    assert_eq!(
+        before
+            .lines()
+            .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+            .collect::<Vec<_>>(),
+        [
+            "rd_req",
+            "rd_bytes",
+            "wr_req",
+            "wr_bytes",
+            "flush_operations",
+            "rd_total_times",
+            "wr_total_times",
+            "flush_total_times",
+            ""
+        ]
+    );
+    guest.write_pattern("vda", 4 << 20, 512 << 10, 42).unwrap();
+    let after = cli.ok(&["domblkstat", "clidom", "vda"]);
+    assert!(
+        stat(&after, "wr_bytes") >= stat(&before, "wr_bytes") + (512 << 10),
+        "{before}{after}"
+    );
+    assert!(stat(&after, "wr_req") > stat(&before, "wr_req"));
+    let summed = cli.ok(&["domblkstat", "clidom"]);
+    assert!(
+        summed.starts_with(" rd_req "),
+        "virsh's no-device form: {summed}"
+    );
+    let as_json: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["domblkstat", "clidom", "--json"])).unwrap();
+    assert!(as_json["wr_bytes"].as_u64().unwrap() >= stat(&after, "wr_bytes"));
+    assert!(cli
+        .fails(&["domblkstat", "clidom", "vdz"])
+        .contains("has no disk 'vdz'"));
+
+    // Raw QMP: a return value as JSON; a command QEMU rejects fails with its error class.
+    let status: serde_json::Value =
+        serde_json::from_str(&cli.ok(&["qmp", "clidom", "query-status"])).unwrap();
+    assert_eq!(status["status"], "running");
+    let err = cli.fails(&["qmp", "clidom", "bogus-command"]);
+    assert!(
+        err.contains("CommandNotFound") && err.contains("bogus-command"),
+        "{err}"
+    );
+    let err = cli.fails(&["qmp", "clidom", "query-status", "[1]"]);
+    assert!(err.contains("JSON object"), "{err}");
+
+    // Another vmsnap holding the domain makes commands fail at once, or wait with --wait.
+    let state = StateDir::open(Some(&cli.state())).unwrap();
+    let lock = DomainLock::acquire(
+        "clidom",
+        &state.domain_paths("clidom"),
+        vmsnap_core::LockWait::Fail,
+    )
+    .unwrap();
+    let started = Instant::now();
+    assert_eq!(
+        cli.fails(&["suspend", "clidom"]),
+        format!(
+            "error: domain clidom is busy: another vmsnap command (pid {}) is working on it; retry or pass --wait",
+            std::process::id()
+        )
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "busy must fail at once"
+    );
+    assert!(
+        cli.ok(&["list"]).contains("running"),
+        "read-only commands need no lock"
+    );
+    let waiter = cli
+        .command(&["--wait", "suspend", "clidom"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        cli.ok(&["list"]).contains("running"),
+        "the waiter must not act before the lock is free"
+    );
+    drop(lock);
+    let waited = waiter.wait_with_output().unwrap();
+    assert!(waited.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&waited.stdout),
+        "Domain 'clidom' suspended\n\n"
+    );
+    cli.wait_for_state("clidom", "paused", Duration::from_secs(5));
+    assert_eq!(cli.ok(&["resume", "clidom"]), "Domain 'clidom' resumed\n\n");
+    cli.wait_for_state("clidom", "running", Duration::from_secs(5));
+
+    // ACPI shutdown: the guest powers off and QEMU exits cleanly.
+    assert_eq!(
+        cli.ok(&["shutdown", "clidom"]),
+        "Domain 'clidom' is being shutdown\n\n"
+    );
+    cli.wait_for_state("clidom", "shut off", Duration::from_secs(60));
+    assert!(!cli.pid_file("clidom").exists());
+
+    // SIGKILL: list reports it crashed at once instead of hanging, and tidies up.
+    cli.ok(&["start", "--paused", "clidom"]);
+    cli.wait_for_state("clidom", "paused", Duration::from_secs(5));
+    let pid = cli.qemu_pid("clidom").unwrap();
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let killed = Instant::now();
+    cli.wait_for_state("clidom", "crashed", Duration::from_secs(10));
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    assert!(
+        !cli.pid_file("clidom").exists(),
+        "list removed the stale pid file"
+    );
+    assert_eq!(
+        cli.ok(&["list"]),
+        " Id   Name   State\n--------------------\n\n",
+        "a crashed domain is inactive"
+    );
+    assert_eq!(
+        cli.fails(&["destroy", "clidom"]),
+        "error: cannot destroy domain 'clidom': it is crashed; start it with `vmsnap start clidom`"
+    );
+
+    // It starts again after the crash; destroy and undefine finish the round trip.
+    cli.ok(&["start", "--paused", "clidom"]);
+    assert_eq!(
+        cli.ok(&["destroy", "clidom"]),
+        "Domain 'clidom' destroyed\n\n"
+    );
+    cli.wait_for_state("clidom", "shut off", Duration::from_secs(5));
+    assert_eq!(
+        cli.ok(&["undefine", "clidom"]),
+        "Domain 'clidom' has been undefined\n\n"
+    );
+    assert_eq!(
+        cli.ok(&["list", "--all"]),
+        " Id   Name   State\n--------------------\n\n"
+    );
+    assert_eq!(
+        cli.fails(&["dominfo", "clidom"]),
+        "error: domain 'clidom' not found: run `vmsnap list --all` to see the defined domains"
+    );
+    assert!(cli.path("vda.qcow2").exists());
+}
+
+#[test]
+fn bad_configs_are_rejected_with_key_and_line() {
+    let cli = Cli::new();
+    let config = cli.write_config("clidom");
+    let good = fs::read_to_string(&config).unwrap();
+    let cases = [
+        (
+            good.replace("vcpus = 1", "vcpus = \"one\""),
+            "line 3: key `vcpus`",
+        ),
+        (
+            good.replace("vcpus = 1\n", "vcpus = 1\ncpus = 2\n"),
+            "line 4: unknown key `cpus`",
+        ),
+        (
+            good.replace("memory_mib = 256\n", ""),
+            "missing key `memory_mib`",
+        ),
+        (
+            good.replace("format = \"qcow2\"", "format = \"vmdk\""),
+            "line 13: key `format`",
+        ),
+        (good.replace("vda.qcow2", "missing.qcow2"), "missing.qcow2"),
+        (
+            good.replace("name = \"clidom\"", "name = \"../x\""),
+            "line 1: key `name`",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = cli.path("bad.toml");
+        fs::write(&path, &text).unwrap();
+        let err = cli.fails(&["define", path.to_str().unwrap()]);
+        assert!(err.contains("bad.toml"), "{err}");
+        assert!(err.contains(expected), "{expected:?} not in {err}");
+    }
+    assert_eq!(
+        cli.ok(&["list", "--all"]),
+        " Id   Name   State\n--------------------\n\n"
+    );
+}
