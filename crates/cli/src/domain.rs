@@ -30,6 +30,9 @@ pub enum DomainCommand {
     Undefine {
         /// Domain name.
         domain: String,
+        /// Also drop the domain's snapshot metadata (snapshot files are kept).
+        #[arg(long)]
+        snapshots_metadata: bool,
     },
     /// Start a defined domain.
     Start {
@@ -129,8 +132,11 @@ async fn execute(
                 file.display()
             )))
         }
-        DomainCommand::Undefine { domain } => {
-            host.undefine(&domain, wait)?;
+        DomainCommand::Undefine {
+            domain,
+            snapshots_metadata,
+        } => {
+            host.undefine(&domain, wait, snapshots_metadata)?;
             Ok(message(&format!("Domain '{domain}' has been undefined")))
         }
         DomainCommand::Start { domain, paused } => {

@@ -290,8 +290,11 @@ impl Host {
     }
 
     /// Forgets a domain: removes it from the store and deletes its runtime
-    /// files. Its disk images are left alone. Refused while QEMU runs.
-    pub fn undefine(&self, name: &str, wait: LockWait) -> Result<()> {
+    /// files. Its disk images are left alone. Refused while QEMU runs, and
+    /// while other components (snapshots) hold metadata about it unless
+    /// `drop_dependents` is set (virsh's `--snapshots-metadata`), in which
+    /// case that metadata goes too but no image or memory file is deleted.
+    pub fn undefine(&self, name: &str, wait: LockWait, drop_dependents: bool) -> Result<()> {
         let (lock, domain) = self.lock(name, wait)?;
         match domain.reconcile(&self.store, &lock)? {
             QemuProcess::Alive(_) => {
@@ -304,8 +307,22 @@ impl Host {
             }
             QemuProcess::NotRunning | QemuProcess::Gone(_) => {}
         }
-        self.store
-            .transaction(|tx| store::delete_domain(tx, name))?;
+        self.store.transaction(|tx| {
+            let dependents = store::dependents(tx, name)?;
+            if !dependents.is_empty() && !drop_dependents {
+                let listed: Vec<String> =
+                    dependents.iter().map(|(table, n)| format!("{n} in {table}")).collect();
+                return Err(Error::InvalidState {
+                    name: name.to_string(),
+                    action: "undefine".into(),
+                    state: format!("still referenced by snapshot metadata ({})", listed.join(", ")),
+                    hint: "delete its snapshots first, or pass --snapshots-metadata to drop that metadata \
+                           (image and memory files are kept)"
+                        .into(),
+                });
+            }
+            store::delete_domain(tx, name)
+        })?;
         for file in [
             &domain.paths.serial_log,
             &domain.paths.stderr_log,

@@ -374,6 +374,44 @@ pub fn domain_names(conn: &Connection) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Rows of other components that reference `domain` through a foreign key
+/// to `domains(name)`, as (table, row count) for tables with rows; the domain
+/// tables themselves are not counted. Lets `undefine` refuse to silently
+/// cascade away, say, snapshot metadata, without knowing other schemas.
+pub fn dependents(conn: &Connection, domain: &str) -> Result<Vec<(String, u64)>> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT m.name, f.\"from\" FROM sqlite_master AS m, pragma_foreign_key_list(m.name) AS f
+             WHERE m.type = 'table' AND f.\"table\" = 'domains' AND m.name NOT IN ('domains', 'disk_layers')
+             ORDER BY m.name",
+        )
+        .map_err(sql("find tables referencing domains"))?;
+    let references = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(sql("find tables referencing domains"))?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(sql("find tables referencing domains"))?;
+    let quote = |ident: &str| format!("\"{}\"", ident.replace('"', "\"\""));
+    let mut found = Vec::new();
+    for (table, column) in references {
+        let count: i64 = conn
+            .query_row(
+                &format!(
+                    "SELECT COUNT(*) FROM {} WHERE {} = ?1",
+                    quote(&table),
+                    quote(&column)
+                ),
+                [domain],
+                |r| r.get(0),
+            )
+            .map_err(sql("count rows referencing a domain"))?;
+        if count > 0 {
+            found.push((table, count as u64));
+        }
+    }
+    Ok(found)
+}
+
 /// Removes a domain and (by cascade) its disk layers and any rows of other
 /// components that reference it with ON DELETE CASCADE. False if it did not exist.
 pub fn delete_domain(tx: &Transaction<'_>, name: &str) -> Result<bool> {
@@ -584,6 +622,40 @@ mod tests {
         assert!(store.transaction(|tx| delete_domain(tx, "demo")).unwrap());
         assert!(store.read(|c| disk_chains(c, "demo")).unwrap().is_empty());
         assert!(store.read(domain_names).unwrap().is_empty());
+    }
+
+    #[test]
+    fn dependents_of_other_components_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open_path(&tmp.path().join("db")).unwrap();
+        const EXTRA: &[Migration] = &[Migration {
+            version: 1,
+            sql: "CREATE TABLE notes (dom TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE, n INTEGER);",
+        }];
+        store.migrate("notes", EXTRA).unwrap();
+        let chain = DiskChain::single("vda", "/img/a.qcow2".into(), DiskFormat::Qcow2);
+        store
+            .transaction(|tx| insert_domain(tx, &record("demo"), &[chain]))
+            .unwrap();
+        assert!(store.read(|c| dependents(c, "demo")).unwrap().is_empty());
+        store
+            .transaction(|tx| {
+                tx.execute("INSERT INTO notes VALUES ('demo', 1), ('demo', 2)", [])
+                    .map_err(sql("insert"))
+            })
+            .unwrap();
+        assert_eq!(
+            store.read(|c| dependents(c, "demo")).unwrap(),
+            vec![("notes".to_string(), 2)]
+        );
+        store.transaction(|tx| delete_domain(tx, "demo")).unwrap();
+        let left: i64 = store
+            .read(|c| {
+                c.query_row("SELECT COUNT(*) FROM notes", [], |r| r.get(0))
+                    .map_err(sql("q"))
+            })
+            .unwrap();
+        assert_eq!(left, 0, "cascade removed the dependents");
     }
 
     #[test]

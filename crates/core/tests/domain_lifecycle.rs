@@ -194,7 +194,28 @@ async fn define_start_io_suspend_resume_destroy_undefine() {
     assert_eq!(err.kind(), ErrorKind::InvalidState);
     drop(lock);
 
-    bench.host.undefine("life", LockWait::Fail).unwrap();
+    // Metadata another component keeps about the domain blocks undefine unless dropped on purpose.
+    const NOTES: &[vmsnap_core::store::Migration] = &[vmsnap_core::store::Migration {
+        version: 1,
+        sql:
+            "CREATE TABLE notes (domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE);",
+    }];
+    let store = bench.host.store();
+    store.migrate("notes", NOTES).unwrap();
+    store
+        .transaction(|tx| {
+            tx.execute("INSERT INTO notes VALUES ('life')", [])
+                .map_err(vmsnap_core::store::sql("insert note"))
+        })
+        .unwrap();
+    let err = bench
+        .host
+        .undefine("life", LockWait::Fail, false)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidState);
+    assert!(err.to_string().contains("1 in notes"), "{err}");
+    assert!(bench.host.domain("life").is_ok());
+    bench.host.undefine("life", LockWait::Fail, true).unwrap();
     assert_eq!(
         bench.host.domain("life").unwrap_err().kind(),
         ErrorKind::NotFound
@@ -319,14 +340,17 @@ async fn busy_domain_is_refused_then_waited_for() {
     let (lock, _) = bench.host.lock("busy", LockWait::Fail).unwrap();
     let err = bench.host.lock("busy", LockWait::Fail).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy);
-    let err = bench.host.undefine("busy", LockWait::Fail).unwrap_err();
+    let err = bench
+        .host
+        .undefine("busy", LockWait::Fail, false)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy);
 
     let state_dir = bench.host.state_dir().root().to_path_buf();
     let waiter = std::thread::spawn(move || {
         let host = Host::open(Some(&state_dir)).unwrap();
         let started = Instant::now();
-        host.undefine("busy", LockWait::Wait).unwrap();
+        host.undefine("busy", LockWait::Wait, false).unwrap();
         started.elapsed()
     });
     std::thread::sleep(Duration::from_millis(500));
