@@ -42,7 +42,23 @@ impl Bench {
             self.path("vda.qcow2").to_str().unwrap(),
             "64M",
         ]);
-        fs::write(self.path("vdb.raw"), vec![0u8; 16 << 20]).unwrap();
+        // vdb is declared raw but holds a qcow2 header (pointing at a backing
+        // file): it must reach the guest as raw bytes, never be probed.
+        let vdb = self.path("vdb.raw");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+            vdb.to_str().unwrap(),
+            "16M",
+        ]);
+        let file = fs::OpenOptions::new().write(true).open(&vdb).unwrap();
+        file.set_len(16 << 20).unwrap();
         let config = format!(
             r#"name = "{name}"
 memory_mib = 256
@@ -144,6 +160,13 @@ async fn define_start_io_suspend_resume_destroy_undefine() {
     assert_eq!(
         before.iter().map(|s| s.target.as_str()).collect::<Vec<_>>(),
         ["vda", "vdb"]
+    );
+    let raw_head = fs::read(bench.path("vdb.raw")).unwrap()[..64 << 10].to_vec();
+    assert_eq!(&raw_head[..4], b"QFI\xfb");
+    assert_eq!(
+        guest.disk_checksum("vdb", 0, 64 << 10).unwrap(),
+        vmsnap_testguest::sha256_hex(&raw_head),
+        "a raw disk that looks like qcow2 is shown to the guest as raw"
     );
     guest.write_pattern("vda", 1 << 20, 256 << 10, 7).unwrap();
     guest.write_pattern("vdb", 0, 64 << 10, 8).unwrap();
