@@ -551,10 +551,16 @@ impl Domain {
         let pid = match self.process()? {
             QemuProcess::Alive(pid) => pid,
             _ => {
+                let message = one_line_stderr(&self.paths.stderr_log);
                 self.cleanup_failed_start(None);
-                return Err(
-                    self.qemu_error("exited right after starting; see its stderr in".into())
-                );
+                return Err(self.qemu_error(format!(
+                    "exited right after starting: {}",
+                    if message.is_empty() {
+                        "no message on stderr"
+                    } else {
+                        &message
+                    }
+                )));
             }
         };
         let finish = async {

@@ -194,6 +194,19 @@ async fn define_start_io_suspend_resume_destroy_undefine() {
         }
         other => panic!("unexpected {other:?}"),
     }
+    // While the lock holder keeps its QMP connection open (a long snapshot,
+    // say), lock-free readers still get answers on the query monitor.
+    let held = domain.connect_qmp(&lock).await.unwrap();
+    let asked = Instant::now();
+    assert_eq!(domain.state().await.unwrap(), DomainState::Running);
+    assert_eq!(domain.block_stats().await.unwrap().len(), 2);
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(held.query_status().await.unwrap().running);
+    held.close().await;
     let version = domain
         .qmp_command(&lock, "query-version", None)
         .await
