@@ -285,8 +285,17 @@ impl Host {
         let paths = self.state.domain_paths(name);
         paths.create()?;
         let lock = DomainLock::acquire(name, &paths, wait)?;
-        let domain = self.domain(name)?;
-        Ok((lock, domain))
+        match self.domain(name) {
+            Ok(domain) => Ok((lock, domain)),
+            Err(err) => {
+                if err.kind() == crate::error::ErrorKind::NotFound {
+                    // Undefined while we waited: do not leave a lock file for a domain that is gone.
+                    let _ = fs::remove_file(&paths.lock);
+                    let _ = fs::remove_dir(&paths.dir);
+                }
+                Err(err)
+            }
+        }
     }
 
     /// Forgets a domain: removes it from the store and deletes its runtime
