@@ -13,6 +13,8 @@
 //! * [`QemuGuest`]: starts QEMU with the guest's command-line contract, for
 //!   tests that have no domain layer; kills it on drop.
 
+#![warn(missing_docs)]
+
 mod error;
 mod guest;
 mod pattern;
