@@ -416,3 +416,57 @@ fn bad_configs_are_rejected_with_key_and_line() {
         " Id   Name   State\n--------------------\n\n"
     );
 }
+
+#[test]
+fn vmsnap_killed_mid_command_leaves_the_domain_usable() {
+    let cli = Cli::new();
+    let config = cli.write_config("clidom");
+    let config_arg = config.to_str().unwrap();
+    let killed = |args: &[&str], point: &str| {
+        let out = cli
+            .command(args)
+            .env("VMSNAP_FAILPOINTS", point)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), None, "{args:?} should die at {point}");
+    };
+
+    killed(&["define", config_arg], "domain.define.locked");
+    assert_eq!(
+        cli.ok(&["list", "--all"]),
+        " Id   Name   State\n--------------------\n\n"
+    );
+    cli.ok(&["define", config_arg]);
+
+    killed(&["start", "--paused", "clidom"], "domain.start.spawned");
+    cli.wait_for_state("clidom", "paused", Duration::from_secs(5));
+    let list = cli.ok(&["list"]);
+    let id = row_of(&list, "clidom")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(
+        id.parse::<u32>().is_ok(),
+        "a running domain has an Id: {list}"
+    );
+    assert_eq!(
+        cli.fails(&["start", "clidom"]),
+        "error: cannot start domain 'clidom': it is already paused"
+    );
+
+    killed(&["destroy", "clidom"], "domain.destroy.signalled");
+    cli.wait_for_state("clidom", "shut off", Duration::from_secs(10));
+    cli.ok(&["start", "--paused", "clidom"]);
+    cli.ok(&["destroy", "clidom"]);
+
+    killed(&["undefine", "clidom"], "domain.undefine.forgotten");
+    assert_eq!(
+        cli.ok(&["list", "--all"]),
+        " Id   Name   State\n--------------------\n\n"
+    );
+    assert_eq!(
+        cli.ok(&["define", config_arg]),
+        format!("Domain 'clidom' defined from {config_arg}\n\n")
+    );
+}

@@ -216,6 +216,7 @@ impl Host {
         };
         let result = (|| {
             let _lock = DomainLock::acquire(&config.name, &paths, wait)?;
+            crate::failpoint::hit("domain.define.locked");
             let record = DomainRecord {
                 name: config.name.clone(),
                 uuid: new_uuid(),
@@ -332,6 +333,7 @@ impl Host {
             }
             store::delete_domain(tx, name)
         })?;
+        crate::failpoint::hit("domain.undefine.forgotten");
         for file in [
             &domain.paths.serial_log,
             &domain.paths.stderr_log,
@@ -556,7 +558,11 @@ impl Domain {
         self.paths.create()?;
         self.paths.check_socket_paths()?;
         let args = qemu_args(&self.config, disks, &self.paths, &options)?;
+        // The Id is given before QEMU exists, so a running domain always has
+        // one even if vmsnap is killed right after starting it.
+        let id = store.transaction(|tx| store::record_start(tx, self.name()))?;
         self.spawn_qemu(&args).await?;
+        crate::failpoint::hit("domain.start.spawned");
         let pid = match self.process()? {
             QemuProcess::Alive(pid) => pid,
             _ => {
@@ -588,10 +594,10 @@ impl Domain {
             for socket in [&self.paths.qmp_socket, &self.paths.query_socket] {
                 let _ = fs::set_permissions(socket, fs::Permissions::from_mode(0o600));
             }
-            store.transaction(|tx| store::record_start(tx, self.name()))
+            Ok::<(), Error>(())
         };
         match finish.await {
-            Ok(id) => Ok(id),
+            Ok(()) => Ok(id),
             Err(e) => {
                 self.cleanup_failed_start(Some(pid));
                 Err(e)
@@ -702,6 +708,7 @@ impl Domain {
             QemuProcess::Gone(_) => return Err(self.not_running("destroy", "crashed")),
         };
         kill(pid, libc::SIGTERM);
+        crate::failpoint::hit("domain.destroy.signalled");
         if !wait_gone(pid, &self.paths.pid_file, TERM_GRACE).await {
             kill(pid, libc::SIGKILL);
             if !wait_gone(pid, &self.paths.pid_file, TERM_GRACE).await {
