@@ -10,6 +10,7 @@
 
 mod domain;
 mod img;
+mod snapshot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,8 @@ enum Command {
     Img(img::ImgArgs),
     #[command(flatten)]
     Domain(domain::DomainCommand),
+    #[command(flatten)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Img(args) => img::run(args, &cli.globals),
         Command::Domain(command) => domain::run(command, &cli.globals),
+        Command::Snapshot(command) => snapshot::run(command, &cli.globals),
     };
     match result {
         Ok(code) => code,

@@ -16,19 +16,20 @@ use super::model::{
 };
 use super::offline;
 use super::plan::{live_content_needed, needed_files, plan_merge, without_layer, Merge};
-use super::runtime::{connect_if_running, launch, qmp_error, shell_quote, stop_qemu};
+use super::runtime::{qmp_error, shell_quote};
 use super::spec::{DiskSpec, MemSpec};
 use super::store::{Change, Intent, Operation, SnapshotStore, StoredSnapshot};
 use crate::cmdline::LaunchOptions;
 use crate::config::{DiskFormat, DomainConfig};
 use crate::disk::{file_node_name, DiskChain};
+use crate::domain::{Host, QemuProcess};
 use crate::lock::{DomainLock, LockWait};
 use crate::snapshot::meta::{
     DiskSnapshotMode, DiskSnapshotRecord, MemorySnapshot, SnapshotKind, SnapshotMeta, SnapshotState,
 };
 use crate::snapshot::name::validate_snapshot_name;
 use crate::snapshot::tree::{DeleteScope, SnapshotTree};
-use crate::state::{DomainPaths, StateDir};
+use crate::state::DomainPaths;
 use crate::store::Store;
 
 /// How long a snapshot-save/-load/-delete job or a memory save may take.
@@ -97,13 +98,15 @@ struct Domain {
     name: String,
     config: DomainConfig,
     paths: DomainPaths,
-    _lock: DomainLock,
+    vm: crate::domain::Domain,
+    lock: DomainLock,
 }
 
-/// Snapshot operations over one state directory.
+/// Snapshot operations over one vmsnap installation.
 pub struct Orchestrator<'a> {
-    state: &'a StateDir,
+    host: &'a Host,
     snaps: SnapshotStore<'a>,
+    wait: LockWait,
 }
 
 fn io_error(action: &str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -125,12 +128,20 @@ fn event_ms(event: &vmsnap_qmp::Event) -> f64 {
 }
 
 impl<'a> Orchestrator<'a> {
-    /// Snapshot operations on `store` (the domain store of `state`).
-    pub fn new(state: &'a StateDir, store: &'a Store) -> Result<Orchestrator<'a>> {
+    /// Snapshot operations on `host`'s domains; commands on a domain that
+    /// another vmsnap is working on fail at once (see [`Self::wait_for_lock`]).
+    pub fn new(host: &'a Host) -> Result<Orchestrator<'a>> {
         Ok(Orchestrator {
-            state,
-            snaps: SnapshotStore::new(store)?,
+            host,
+            snaps: SnapshotStore::new(host.store())?,
+            wait: LockWait::Fail,
         })
+    }
+
+    /// Makes operations wait for a busy domain instead of failing.
+    pub fn wait_for_lock(mut self, wait: bool) -> Self {
+        self.wait = if wait { LockWait::Wait } else { LockWait::Fail };
+        self
     }
 
     /// The snapshot tables.
@@ -143,31 +154,45 @@ impl<'a> Orchestrator<'a> {
     }
 
     fn config(&self, domain: &str) -> Result<DomainConfig> {
-        let record = self
-            .store()
-            .read(|conn| crate::store::load_domain(conn, domain))?
-            .ok_or_else(|| crate::Error::DomainNotFound {
-                name: domain.to_string(),
-            })?;
-        let origin = PathBuf::from(format!("(stored config of domain '{domain}')"));
-        Ok(DomainConfig::parse(
-            &record.config_toml,
-            &origin,
-            Path::new("/"),
-        )?)
+        Ok(self.host.domain(domain)?.config().clone())
     }
 
     fn lock(&self, domain: &str) -> Result<Domain> {
-        let config = self.config(domain)?;
-        let paths = self.state.domain_paths(domain);
-        paths.create()?;
-        let lock = DomainLock::acquire(domain, &paths, LockWait::Fail)?;
+        let (lock, vm) = self.host.lock(domain, self.wait)?;
         Ok(Domain {
             name: domain.to_string(),
-            config,
-            paths,
-            _lock: lock,
+            config: vm.config().clone(),
+            paths: vm.paths().clone(),
+            vm,
+            lock,
         })
+    }
+
+    /// A monitor connection when the domain's QEMU runs, `None` when it does not.
+    async fn running_qmp(&self, dom: &Domain) -> Result<Option<Qmp>> {
+        match dom.vm.reconcile(self.store(), &dom.lock)? {
+            QemuProcess::Alive(_) => Ok(Some(dom.vm.connect_qmp(&dom.lock).await?)),
+            QemuProcess::NotRunning | QemuProcess::Gone(_) => Ok(None),
+        }
+    }
+
+    /// Starts QEMU on `disks` and connects to it.
+    async fn launch(
+        &self,
+        dom: &Domain,
+        disks: &[DiskChain],
+        options: LaunchOptions,
+    ) -> Result<Qmp> {
+        dom.vm
+            .start_with_disks(self.store(), &dom.lock, disks, options)
+            .await?;
+        Ok(dom.vm.connect_qmp(&dom.lock).await?)
+    }
+
+    /// Ends QEMU (its state is being replaced) and waits until it is gone.
+    async fn stop_qemu(&self, dom: &Domain, qmp: Qmp) -> Result<()> {
+        qmp.close().await;
+        Ok(dom.vm.destroy(self.store(), &dom.lock).await?)
     }
 
     /// The domain's snapshot tree (for listing and queries), after checking it exists.
@@ -205,7 +230,7 @@ impl<'a> Orchestrator<'a> {
     async fn recover_locked(&self, dom: &Domain) -> Result<Vec<String>> {
         let mut notes = Vec::new();
         let intents = self.snaps.open_intents(&dom.name)?;
-        let qmp = connect_if_running(&dom.name, &dom.paths).await?;
+        let qmp = self.running_qmp(dom).await?;
         if let Some(qmp) = &qmp {
             if !intents.is_empty() {
                 self.adopt_live_chains(dom, qmp, &mut notes).await?;
@@ -361,6 +386,7 @@ impl<'a> Orchestrator<'a> {
             {
                 let present = offline::live_has_tag(&dom.name, qmp, &layer.node_name, tag).await?;
                 if present {
+                    enable_discard(qmp, layer).await;
                     qmp.execute(
                         "blockdev-snapshot-delete-internal-sync",
                         Some(json!({"device": layer.node_name, "name": tag})),
@@ -398,7 +424,7 @@ impl<'a> Orchestrator<'a> {
                 name,
             });
         }
-        let qmp = connect_if_running(domain, &dom.paths).await?;
+        let qmp = self.running_qmp(&dom).await?;
         let running_state = match &qmp {
             Some(qmp) => {
                 let status = qmp
@@ -932,7 +958,7 @@ impl<'a> Orchestrator<'a> {
             qmp.execute(
                 "blockdev-add",
                 Some(
-                    json!({"driver": "file", "node-name": file_node_name(node), "filename": path}),
+                    json!({"driver": "file", "node-name": file_node_name(node), "filename": path, "discard": "unmap"}),
                 ),
             )
             .await
@@ -1199,7 +1225,7 @@ impl<'a> Orchestrator<'a> {
         self.snaps.own(domain, &new_files)?;
         let mut intent = Intent::new(Operation::Revert, name);
         let id = self.snaps.begin(domain, &intent)?;
-        let qmp = connect_if_running(domain, &dom.paths).await?;
+        let qmp = self.running_qmp(&dom).await?;
         let same_images = new_chains.iter().all(|(target, chain)| {
             chains
                 .iter()
@@ -1226,10 +1252,7 @@ impl<'a> Orchestrator<'a> {
                 if let Some(qmp) = qmp {
                     intent.step = "stop QEMU".into();
                     self.snaps.step(id, &intent)?;
-                    stop_qemu(domain, qmp, &dom.paths).await?;
-                    self.store().transaction(|tx| {
-                        crate::store::record_exit(tx, domain, crate::store::LastExit::Destroyed)
-                    })?;
+                    self.stop_qemu(&dom, qmp).await?;
                 }
                 intent.step = "prepare images".into();
                 self.snaps.step(id, &intent)?;
@@ -1243,8 +1266,10 @@ impl<'a> Orchestrator<'a> {
                         }
                         DiskAction::Clone { from, to, tag } => {
                             offline::clone_image(from, to)?;
-                            offline::delete_tags_except(to, tag)?;
                             if !has_memory {
+                                // With memory, QEMU drops the copies itself
+                                // after starting, so their space becomes holes.
+                                offline::delete_tags_except(to, tag)?;
                                 offline::apply_tag(to, tag)?;
                                 offline::delete_tag_if_present(to, tag)?;
                             }
@@ -1284,7 +1309,7 @@ impl<'a> Orchestrator<'a> {
                 self.snaps.commit(domain, id, &change, None)?;
             }
             Err(err) => {
-                let qmp = connect_if_running(domain, &dom.paths).await.ok().flatten();
+                let qmp = self.running_qmp(&dom).await.ok().flatten();
                 if let Some(qmp) = &qmp {
                     let _ = self.adopt_live_chains(&dom, qmp, &mut notes).await;
                 }
@@ -1375,8 +1400,7 @@ impl<'a> Orchestrator<'a> {
                     paused: want == SnapshotState::Paused,
                     incoming_defer: false,
                 };
-                let qmp =
-                    launch(&dom.config, disk_chains, &dom.paths, self.store(), options).await?;
+                let qmp = self.launch(dom, disk_chains, options).await?;
                 qmp.close().await;
                 Ok(())
             }
@@ -1387,8 +1411,7 @@ impl<'a> Orchestrator<'a> {
                     paused: true,
                     incoming_defer: true,
                 };
-                let qmp =
-                    launch(&dom.config, disk_chains, &dom.paths, self.store(), options).await?;
+                let qmp = self.launch(dom, disk_chains, options).await?;
                 let uri = format!("exec:cat {}", shell_quote(path));
                 qmp.migrate_incoming(&uri)
                     .await
@@ -1405,26 +1428,28 @@ impl<'a> Orchestrator<'a> {
                     paused: true,
                     incoming_defer: false,
                 };
-                let qmp =
-                    launch(&dom.config, disk_chains, &dom.paths, self.store(), options).await?;
+                let qmp = self.launch(dom, disk_chains, options).await?;
+                // A clone carries copies of every snapshot of its original;
+                // the records keep the originals, so drop the copies (all but
+                // the one to load now, and that one after loading it).
+                let clones: Vec<(&crate::disk::DiskLayer, &String)> = actions
+                    .iter()
+                    .filter_map(|(disk, action)| match action {
+                        DiskAction::Clone { tag, .. } => disk_chains
+                            .iter()
+                            .find(|c| &c.target == disk)
+                            .and_then(|c| c.active())
+                            .map(|layer| (layer, tag)),
+                        _ => None,
+                    })
+                    .collect();
+                for (layer, tag) in &clones {
+                    live_delete_tags(&dom.name, &qmp, layer, Some(tag.as_str())).await?;
+                }
                 self.load_internal(dom, &qmp, disk_chains, target, vmstate_disk, want, progress)
                     .await?;
-                // A clone carries a copy of the snapshot; the record keeps the original.
-                for (disk, action) in actions {
-                    if let DiskAction::Clone { tag, .. } = action {
-                        if let Some(chain) = disk_chains.iter().find(|c| &c.target == disk) {
-                            let node = chain.active().expect("never empty").node_name.clone();
-                            qmp.execute(
-                                "blockdev-snapshot-delete-internal-sync",
-                                Some(json!({"device": node, "name": tag})),
-                            )
-                            .await
-                            .map_err(qmp_error(
-                                &dom.name,
-                                "blockdev-snapshot-delete-internal-sync",
-                            ))?;
-                        }
-                    }
+                for (layer, _) in &clones {
+                    live_delete_tags(&dom.name, &qmp, layer, None).await?;
                 }
                 qmp.close().await;
                 Ok(())
@@ -1568,7 +1593,7 @@ impl<'a> Orchestrator<'a> {
             }
         }
         let id = self.snaps.begin(domain, &intent)?;
-        let qmp = connect_if_running(domain, &dom.paths).await?;
+        let qmp = self.running_qmp(dom).await?;
         // Merge each frozen image into its only child; the records still
         // name it until the commit, and its data is in both, so a crash here
         // loses nothing.
@@ -1786,6 +1811,57 @@ impl<'a> Orchestrator<'a> {
             },
         )
     }
+}
+
+/// Deletes every internal snapshot but `keep` from the image behind a running
+/// QEMU's top node, letting the freed clusters become holes in the file.
+async fn live_delete_tags(
+    domain: &str,
+    qmp: &Qmp,
+    layer: &crate::disk::DiskLayer,
+    keep: Option<&str>,
+) -> Result<()> {
+    enable_discard(qmp, layer).await;
+    let nodes = qmp
+        .query_named_block_nodes()
+        .await
+        .map_err(qmp_error(domain, "query-named-block-nodes"))?;
+    let tags: Vec<String> = nodes
+        .iter()
+        .find(|n| n.node_name == layer.node_name)
+        .and_then(|n| n.image.as_ref())
+        .and_then(|i| i.snapshots.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s.name)
+        .filter(|name| Some(name.as_str()) != keep)
+        .collect();
+    for tag in tags {
+        qmp.execute(
+            "blockdev-snapshot-delete-internal-sync",
+            Some(json!({"device": layer.node_name, "name": tag})),
+        )
+        .await
+        .map_err(qmp_error(domain, "blockdev-snapshot-delete-internal-sync"))?;
+    }
+    Ok(())
+}
+
+/// Lets the clusters QEMU frees in a layer reach its file as holes, so
+/// deleted snapshots really give their storage back (QEMU ignores discards
+/// unless the protocol node has `discard=unmap`). Best effort.
+async fn enable_discard(qmp: &Qmp, layer: &crate::disk::DiskLayer) {
+    let _ = qmp
+        .execute(
+            "blockdev-reopen",
+            Some(json!({"options": [{
+                "driver": "file",
+                "node-name": file_node_name(&layer.node_name),
+                "filename": layer.path,
+                "discard": "unmap",
+            }]})),
+        )
+        .await;
 }
 
 async fn set_run_state(domain: &str, qmp: &Qmp, want: SnapshotState) -> Result<()> {

@@ -1,0 +1,422 @@
+//! Snapshot orchestration against real QEMU 7.2 and the test guest (TCG):
+//! virsh's fan-out tree (create s1, s3, s2; revert s3; create s6, s5; revert
+//! s6; create s4; revert s1; create s7, s8) with internal, external and mixed
+//! snapshots. At every snapshot the guest's disk checksums and RAM value are
+//! recorded; after every revert they must match exactly (DESIGN §5.1, §5.2).
+//! Then every snapshot is deleted and the images must be back to about the
+//! current state's size with `qemu-img check` clean (§5.3).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use vmsnap_core::snapshot::orchestrate::{CreateRequest, Orchestrator, Progress, RevertMode};
+use vmsnap_core::snapshot::render::render_tree;
+use vmsnap_core::snapshot::tree::DeleteScope;
+use vmsnap_core::{Host, LaunchOptions, LockWait, QemuProcess};
+use vmsnap_testguest::{guest_initrd, guest_kernel, Guest, GUEST_KERNEL_CMDLINE};
+
+const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The guest region the test writes to and checks, per disk.
+const REGION: u64 = 2 << 20;
+
+fn no_progress(_: Progress<'_>) {}
+
+/// A temporary state directory with one running test-guest domain.
+struct Bench {
+    dir: tempfile::TempDir,
+    host: Host,
+    name: String,
+    disks: Vec<&'static str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Capture {
+    sums: BTreeMap<String, String>,
+    ram: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Internal,
+    External,
+}
+
+impl Bench {
+    /// Defines a domain with a qcow2 vda and, if `raw_vdb`, a raw vdb.
+    fn new(name: &str, raw_vdb: bool) -> Bench {
+        let dir = tempfile::Builder::new()
+            .prefix("vmsnap-snap")
+            .tempdir()
+            .unwrap();
+        let host = Host::open(Some(&dir.path().join("state"))).unwrap();
+        let path = |f: &str| dir.path().join(f);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path("vda.qcow2").to_str().unwrap(),
+            "32M",
+        ]);
+        let mut disks = vec!["vda"];
+        let mut disk_toml =
+            "[[disk]]\ntarget = \"vda\"\nfile = \"vda.qcow2\"\nformat = \"qcow2\"\n".to_string();
+        if raw_vdb {
+            fs::write(path("vdb.raw"), vec![0u8; 8 << 20]).unwrap();
+            disk_toml
+                .push_str("\n[[disk]]\ntarget = \"vdb\"\nfile = \"vdb.raw\"\nformat = \"raw\"\n");
+            disks.push("vdb");
+        }
+        let config = format!(
+            r#"name = "{name}"
+memory_mib = 192
+vcpus = 1
+accel = "tcg"
+kernel = "{kernel}"
+initrd = "{initrd}"
+cmdline = "{cmdline}"
+qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={ctl},server=on,wait=off", "-device", "isa-serial,chardev=ctl"]
+
+{disk_toml}"#,
+            kernel = guest_kernel().unwrap().display(),
+            initrd = guest_initrd().unwrap().display(),
+            cmdline = GUEST_KERNEL_CMDLINE,
+            ctl = path("ctl.sock").display(),
+        );
+        fs::write(path("dom.toml"), config).unwrap();
+        host.define(&path("dom.toml"), LockWait::Fail).unwrap();
+        Bench {
+            dir,
+            host,
+            name: name.to_string(),
+            disks,
+        }
+    }
+
+    fn ctl(&self) -> PathBuf {
+        self.dir.path().join("ctl.sock")
+    }
+
+    fn orchestrator(&self) -> Orchestrator<'_> {
+        Orchestrator::new(&self.host).unwrap()
+    }
+
+    async fn start(&self) -> Guest {
+        let (lock, domain) = self.host.lock(&self.name, LockWait::Fail).unwrap();
+        domain
+            .start(self.host.store(), &lock, LaunchOptions::default())
+            .await
+            .unwrap();
+        drop(lock);
+        Guest::connect(self.ctl(), GUEST_TIMEOUT).unwrap()
+    }
+
+    fn capture(&self, guest: &mut Guest) -> Capture {
+        let sums = self
+            .disks
+            .iter()
+            .map(|d| (d.to_string(), guest.disk_checksum(d, 0, REGION).unwrap()))
+            .collect();
+        Capture {
+            sums,
+            ram: guest.ram_value().unwrap(),
+        }
+    }
+
+    /// Changes the guest's disks and RAM so every snapshot differs.
+    fn mutate(&self, guest: &mut Guest, step: u64) {
+        for disk in &self.disks {
+            let offset = (step % 16) * (REGION / 16);
+            guest
+                .write_pattern(disk, offset, 64 << 10, 0x1000 + step)
+                .unwrap();
+        }
+        guest.set_ram_value(&format!("ram-{step}")).unwrap();
+    }
+
+    async fn create(&self, name: &str, kind: Kind) {
+        let request = CreateRequest {
+            name: Some(name.into()),
+            external: kind == Kind::External,
+            ..CreateRequest::default()
+        };
+        let outcome = self
+            .orchestrator()
+            .create(&self.name, &request, &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(outcome.name, name);
+    }
+
+    /// Reverts and checks the guest; `slot` holds the guest connection, which
+    /// is closed before connecting again (QEMU's socket chardev serves one
+    /// client at a time, so the old connection must go first).
+    async fn revert_and_check(&self, slot: &mut Option<Guest>, name: &str, expected: &Capture) {
+        let outcome = self
+            .orchestrator()
+            .revert(&self.name, name, RevertMode::AsRecorded, &no_progress)
+            .await
+            .unwrap();
+        assert_eq!(outcome.state, "running", "revert to {name}");
+        drop(slot.take());
+        let guest = match Guest::connect(self.ctl(), GUEST_TIMEOUT) {
+            Ok(guest) => slot.insert(guest),
+            Err(err) => {
+                let serial =
+                    fs::read_to_string(self.host.state_dir().domain_paths(&self.name).serial_log)
+                        .unwrap_or_default();
+                let tail: Vec<&str> = serial.lines().rev().take(15).collect();
+                panic!(
+                    "guest unreachable after reverting to {name}: {err}\nconsole tail:\n{}",
+                    tail.join("\n")
+                );
+            }
+        };
+        let got = self.capture(guest);
+        assert_eq!(&got, expected, "guest state after reverting to {name}");
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.dir.path().join("vda.qcow2")];
+        if self.disks.contains(&"vdb") {
+            out.push(self.dir.path().join("vdb.raw"));
+        }
+        let snapdir = self
+            .host
+            .state_dir()
+            .domain_paths(&self.name)
+            .dir
+            .join("snapshots");
+        if let Ok(entries) = fs::read_dir(&snapdir) {
+            for entry in entries {
+                out.push(entry.unwrap().path());
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if let Ok(domain) = self.host.domain(&self.name) {
+            if let Ok(QemuProcess::Alive(pid)) = domain.process() {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+fn check_images(files: &[PathBuf]) {
+    for file in files {
+        if file.extension().is_some_and(|e| e == "qcow2") {
+            let out = Command::new("qemu-img")
+                .args(["check", "-q", "-U", "-f", "qcow2", file.to_str().unwrap()])
+                .output()
+                .unwrap();
+            // 0: clean; 3: leaked clusters only (allowed, repairable).
+            assert!(
+                matches!(out.status.code(), Some(0) | Some(3)),
+                "qemu-img check {}: {}{}",
+                file.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+const EXPECTED_TREE: &str = "\
+s1
+  |
+  +- s3
+  |   |
+  |   +- s2
+  |   +- s6
+  |       |
+  |       +- s4
+  |       +- s5
+  |
+  +- s7
+      |
+      +- s8
+";
+
+fn trimmed(text: &str) -> String {
+    text.lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n")
+        .trim()
+        .to_string()
+}
+
+/// The fan-out scenario; `kind_of` picks each snapshot's kind.
+async fn fan_out(bench: &Bench, kind_of: impl Fn(&str) -> Kind) {
+    let mut slot = Some(bench.start().await);
+    let mut captured: BTreeMap<String, Capture> = BTreeMap::new();
+    let mut step = 0;
+    let script: &[(&str, &str)] = &[
+        ("create", "s1"),
+        ("create", "s3"),
+        ("create", "s2"),
+        ("revert", "s3"),
+        ("create", "s6"),
+        ("create", "s5"),
+        ("revert", "s6"),
+        ("create", "s4"),
+        ("revert", "s1"),
+        ("create", "s7"),
+        ("create", "s8"),
+    ];
+    for (action, name) in script {
+        match *action {
+            "create" => {
+                step += 1;
+                let guest = slot.as_mut().unwrap();
+                bench.mutate(guest, step);
+                let before = bench.capture(guest);
+                bench.create(name, kind_of(name)).await;
+                captured.insert(name.to_string(), before);
+            }
+            _ => {
+                let expected = captured[*name].clone();
+                bench.revert_and_check(&mut slot, name, &expected).await;
+                // Diverge from the snapshot before the next one.
+                step += 1;
+                bench.mutate(slot.as_mut().unwrap(), step);
+            }
+        }
+    }
+    let orchestrator = bench.orchestrator();
+    let tree = orchestrator.tree(&bench.name).unwrap();
+    let drawing = render_tree(&tree.tree_entries(None).unwrap());
+    assert_eq!(
+        trimmed(&drawing),
+        trimmed(EXPECTED_TREE),
+        "tree:\n{drawing}"
+    );
+    check_images(&bench.files());
+
+    // Every snapshot still reverts exactly, in any order.
+    for name in ["s2", "s5", "s8", "s1", "s4"] {
+        let expected = captured[name].clone();
+        bench.revert_and_check(&mut slot, name, &expected).await;
+        step += 1;
+        bench.mutate(slot.as_mut().unwrap(), step);
+    }
+    let size_with_snapshots: u64 = bench.files().iter().map(|f| allocated(f)).sum();
+
+    // Delete inner nodes first (merges), then the rest; the remaining ones
+    // keep reverting exactly.
+    for (victim, survivor) in [("s3", "s2"), ("s6", "s5"), ("s1", "s4"), ("s7", "s8")] {
+        orchestrator
+            .delete(&bench.name, victim, DeleteScope::Node, false, &no_progress)
+            .await
+            .unwrap();
+        let expected = captured[survivor].clone();
+        bench.revert_and_check(&mut slot, survivor, &expected).await;
+        check_images(&bench.files());
+    }
+    step += 1;
+    let guest = slot.as_mut().unwrap();
+    bench.mutate(guest, step);
+    let final_state = bench.capture(guest);
+    for name in ["s2", "s4", "s5", "s8"] {
+        orchestrator
+            .delete(&bench.name, name, DeleteScope::Node, false, &no_progress)
+            .await
+            .unwrap();
+    }
+    assert!(orchestrator.tree(&bench.name).unwrap().is_empty());
+    // The guest kept running on its current state through the deletes.
+    assert_eq!(bench.capture(guest), final_state);
+    let files = bench.files();
+    check_images(&files);
+    for file in &files {
+        assert!(
+            !file.extension().is_some_and(|e| e == "mem"),
+            "memory image {} left behind",
+            file.display()
+        );
+        if file.extension().is_some_and(|e| e == "qcow2") {
+            let list = qemu_img(&["snapshot", "-U", "-l", file.to_str().unwrap()]);
+            assert!(
+                list.trim().is_empty(),
+                "{} still holds snapshots:\n{list}",
+                file.display()
+            );
+        }
+    }
+    let chain_files: Vec<PathBuf> = bench
+        .host
+        .domain(&bench.name)
+        .unwrap()
+        .disks()
+        .iter()
+        .flat_map(|c| c.layers.iter().map(|l| l.path.clone()))
+        .collect();
+    let configured = [
+        bench.dir.path().join("vda.qcow2"),
+        bench.dir.path().join("vdb.raw"),
+    ];
+    for file in &files {
+        assert!(
+            chain_files.contains(file) || configured.contains(file),
+            "{} is neither a configured disk nor part of the current state",
+            file.display()
+        );
+    }
+    let size_after: u64 = files.iter().map(|f| allocated(f)).sum();
+    assert!(
+        // QEMU's snapshot-load leaves the loaded vmstate referenced by the
+        // image's live state (hidden past the disk's end) until the next
+        // load: allow one guest RAM's worth per image besides the data.
+        size_after < (16 << 20) + files.len() as u64 * (192 << 20) && size_after * 3 < size_with_snapshots,
+        "storage not given back: {size_after} bytes after deleting all, {size_with_snapshots} with snapshots: {:?}",
+        files.iter().map(|f| (f.display().to_string(), allocated(f))).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn fan_out_internal() {
+    let bench = Bench::new("fanint", false);
+    fan_out(&bench, |_| Kind::Internal).await;
+}
+
+#[tokio::test]
+async fn fan_out_external() {
+    let bench = Bench::new("fanext", true);
+    fan_out(&bench, |_| Kind::External).await;
+}
+
+#[tokio::test]
+async fn fan_out_mixed() {
+    let bench = Bench::new("fanmix", false);
+    fan_out(&bench, |name| {
+        if matches!(name, "s1" | "s2" | "s5" | "s7") {
+            Kind::Internal
+        } else {
+            Kind::External
+        }
+    })
+    .await;
+}
