@@ -1,0 +1,102 @@
+//! Helpers shared by the engine's integration tests: `qemu-img`/`qemu-io` as the oracle,
+//! a byte model of a disk and its snapshots, and raw header peeking/poking.
+//!
+//! Every test binary compiles this module but uses a different part of it.
+#![allow(dead_code)]
+
+pub mod engine;
+pub mod model;
+pub mod oracle;
+pub mod raw;
+
+use std::path::{Path, PathBuf};
+
+/// A private temporary directory for one test's images, removed when dropped.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// Makes a fresh directory under the system temp dir.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vmsnap-qcow2-test-")
+            .tempdir()
+            .expect("create a temporary directory for test images");
+        Scratch { dir }
+    }
+
+    /// A path for a file named `name` inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Compares two byte buffers and, on mismatch, panics with the first differing offset and
+/// the number of differing bytes (printing megabytes of `assert_eq!` output helps no one).
+pub fn assert_same_bytes(expected: &[u8], actual: &[u8], what: &str) {
+    if expected.len() != actual.len() {
+        panic!(
+            "{what}: length differs: expected {} bytes, got {}",
+            expected.len(),
+            actual.len()
+        );
+    }
+    if expected == actual {
+        return;
+    }
+    let first = expected
+        .iter()
+        .zip(actual)
+        .position(|(a, b)| a != b)
+        .unwrap_or(0);
+    let differing = expected.iter().zip(actual).filter(|(a, b)| a != b).count();
+    let end = (first + 16).min(expected.len());
+    panic!(
+        "{what}: {differing} bytes differ, first at offset {first:#x}: expected {:02x?}, got {:02x?}",
+        &expected[first..end],
+        &actual[first..end]
+    );
+}
+
+/// Reads a whole file, naming it if that fails.
+pub fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The seed for a randomised test: `VMSNAP_TEST_SEED` when set (to replay a failure),
+/// otherwise the given default so runs are reproducible.
+pub fn seed(default: u64) -> u64 {
+    match std::env::var("VMSNAP_TEST_SEED") {
+        Ok(text) => text
+            .parse()
+            .unwrap_or_else(|_| panic!("VMSNAP_TEST_SEED={text:?} is not a u64")),
+        Err(_) => default,
+    }
+}
+
+/// Requires a file to be byte-identical to an earlier copy; on failure says how it
+/// changed (length, number of changed bytes, first and last changed offset).
+pub fn assert_unchanged(before: &[u8], path: &Path, what: &str) {
+    let after = read_file(path);
+    if before == after.as_slice() {
+        return;
+    }
+    let common = before.len().min(after.len());
+    let changed: Vec<usize> = (0..common).filter(|&i| before[i] != after[i]).collect();
+    panic!(
+        "{what}: {} changed: length {} -> {}, {} bytes differ (first at {:#x?}, last at {:#x?})",
+        path.display(),
+        before.len(),
+        after.len(),
+        changed.len(),
+        changed.first(),
+        changed.last()
+    );
+}

@@ -1,0 +1,537 @@
+//! External chains: overlays our engine creates over qcow2 and raw backing files, reads
+//! falling through the chain, copy-on-write from the backing file, commit and rebase
+//! (unsafe and safe) judged against `qemu-img` doing the same on a copy of the chain,
+//! and the refusals: backing loops, backing files of unknown format.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use vmsnap_qcow2::{
+    BackingFile, BackingPolicy, Compat, CreateOptions, ImageFormat, OpenOptions, Qcow2Image,
+};
+
+use common::engine;
+use common::oracle::{self, qemu_io};
+use common::raw::{self, field};
+use common::{assert_same_bytes, Scratch};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Creates an overlay through our engine. `backing_name` is stored as given (relative
+/// names resolve against the overlay's directory, as QEMU does).
+fn create_overlay(
+    path: &Path,
+    size: u64,
+    cluster_size: u32,
+    backing_name: &str,
+    format: ImageFormat,
+) {
+    let options = CreateOptions {
+        size,
+        cluster_size,
+        compat: Compat::V3,
+        refcount_bits: 16,
+        backing: Some(BackingFile {
+            path: backing_name.to_string(),
+            format,
+        }),
+    };
+    vmsnap_qcow2::create(path, ImageFormat::Qcow2, &options)
+        .unwrap_or_else(|e| panic!("create overlay {} over {backing_name}: {e}", path.display()));
+}
+
+fn open_with(path: &Path, writable: bool, backing: BackingPolicy) -> Result<Qcow2Image, String> {
+    Qcow2Image::open(path, OpenOptions { writable, backing }).map_err(|e| e.to_string())
+}
+
+/// A qcow2 base written by qemu-io with a few patterns, 4 MiB, 4 KiB clusters.
+fn qcow2_base(dir: &Scratch, name: &str) -> PathBuf {
+    let path = dir.path(name);
+    oracle::qemu_create(&path, 4 * MIB, "cluster_size=4096");
+    qemu_io(
+        &path,
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x12 1536k 64k",
+            "write -P 0x13 3M 4k",
+        ],
+    );
+    path
+}
+
+/// A raw base with a pattern in every MiB.
+fn raw_base(dir: &Scratch, name: &str, size: u64) -> PathBuf {
+    let path = dir.path(name);
+    let mut data = vec![0u8; size as usize];
+    for (i, chunk) in data.chunks_mut(MIB as usize).enumerate() {
+        chunk[..300_000].fill(0x20 + i as u8);
+    }
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+fn info_backing(path: &Path) -> (Option<String>, Option<String>) {
+    let info = oracle::qemu_info(path);
+    (
+        info.get("backing-filename")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+        info.get("backing-filename-format")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+    )
+}
+
+#[test]
+fn overlay_over_qcow2_reads_through_and_copies_on_write() {
+    let dir = Scratch::new();
+    let base = qcow2_base(&dir, "base.qcow2");
+    let base_bytes_before = common::read_file(&base);
+    let overlay = dir.path("overlay.qcow2");
+    // Different cluster size from the base, so copy-on-write must gather partial clusters.
+    create_overlay(&overlay, 4 * MIB, 65536, "base.qcow2", ImageFormat::Qcow2);
+    assert_eq!(
+        info_backing(&overlay),
+        (Some("base.qcow2".into()), Some("qcow2".into())),
+        "qemu-img info of our overlay"
+    );
+    oracle::assert_qemu_check_clean(&overlay, "fresh overlay");
+
+    let mut model = oracle::qemu_read_raw(&base, None);
+    let mut image = engine::open_rw(&overlay);
+    assert_same_bytes(
+        &model,
+        &engine::read_all(&mut image, 4 * MIB),
+        "reads fall through",
+    );
+    for (offset, len, byte) in [
+        (100u64, 10usize, 0xa1u8),
+        (65536 - 5, 10, 0xa2),
+        (1536 * 1024 + 4000, 70_000, 0xa3),
+        (3 * MIB + 1, 1, 0xa4),
+    ] {
+        image
+            .write_at(offset, &vec![byte; len])
+            .expect("write into overlay");
+        model[offset as usize..offset as usize + len].fill(byte);
+    }
+    assert_same_bytes(
+        &model,
+        &engine::read_all(&mut image, 4 * MIB),
+        "engine read after COW",
+    );
+    drop(image);
+    oracle::assert_qemu_check_clean(&overlay, "overlay after writes");
+    assert_same_bytes(
+        &model,
+        &oracle::qemu_read_raw(&overlay, None),
+        "qemu read of overlay",
+    );
+    assert!(
+        base_bytes_before == common::read_file(&base),
+        "writes to the overlay changed the base"
+    );
+}
+
+#[test]
+fn overlay_larger_than_raw_base_reads_zeros_past_the_base() {
+    let dir = Scratch::new();
+    raw_base(&dir, "base.raw", 2 * MIB);
+    let overlay = dir.path("overlay.qcow2");
+    create_overlay(&overlay, 3 * MIB, 65536, "base.raw", ImageFormat::Raw);
+    assert_eq!(
+        info_backing(&overlay),
+        (Some("base.raw".into()), Some("raw".into()))
+    );
+    let expected = oracle::qemu_read_raw(&overlay, None);
+    assert_eq!(expected.len() as u64, 3 * MIB);
+    let mut image = engine::open_rw(&overlay);
+    assert_same_bytes(
+        &expected,
+        &engine::read_all(&mut image, 3 * MIB),
+        "read through raw base",
+    );
+    // A write straddling the end of the base.
+    image.write_at(2 * MIB - 100, &[0x77; 200]).expect("write");
+    drop(image);
+    let mut model = expected;
+    model[(2 * MIB - 100) as usize..(2 * MIB + 100) as usize].fill(0x77);
+    assert_same_bytes(
+        &model,
+        &oracle::qemu_read_raw(&overlay, None),
+        "after straddling write",
+    );
+    oracle::assert_qemu_check_clean(&overlay, "overlay over raw");
+}
+
+#[test]
+fn three_level_chain_reads_through_both_levels() {
+    let dir = Scratch::new();
+    raw_base(&dir, "base.raw", 4 * MIB);
+    let mid = dir.path("mid.qcow2");
+    oracle::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        mid.to_str().unwrap(),
+    ]);
+    qemu_io(&mid, &["write -P 0x55 512k 1M"]);
+    let top = dir.path("top.qcow2");
+    create_overlay(&top, 4 * MIB, 4096, "mid.qcow2", ImageFormat::Qcow2);
+    let expected = oracle::qemu_read_raw(&top, None);
+    let mut image = engine::open_ro(&top);
+    assert_same_bytes(
+        &expected,
+        &engine::read_all(&mut image, 4 * MIB),
+        "read through two levels",
+    );
+}
+
+#[test]
+fn ignore_policy_reads_zeros_where_the_overlay_has_nothing() {
+    let dir = Scratch::new();
+    qcow2_base(&dir, "base.qcow2");
+    let overlay = dir.path("overlay.qcow2");
+    create_overlay(&overlay, 4 * MIB, 65536, "base.qcow2", ImageFormat::Qcow2);
+    let mut image =
+        open_with(&overlay, false, BackingPolicy::Ignore).expect("open ignoring backing");
+    let all = engine::read_all(&mut image, 4 * MIB);
+    assert!(
+        all.iter().all(|&b| b == 0),
+        "with the backing ignored, nothing is allocated"
+    );
+}
+
+/// Copies a directory's files, so the copy's relative backing names stay self-contained.
+fn copy_dir(from: &Scratch, to: &Scratch, names: &[&str]) {
+    for name in names {
+        std::fs::copy(from.path(name), to.path(name)).unwrap();
+    }
+}
+
+#[test]
+fn commit_matches_qemu_img_commit() {
+    for base_format in ["qcow2", "raw"] {
+        let ours = Scratch::new();
+        let base_name = format!("base.{base_format}");
+        if base_format == "qcow2" {
+            qcow2_base(&ours, &base_name);
+        } else {
+            raw_base(&ours, &base_name, 4 * MIB);
+        }
+        let overlay = ours.path("overlay.qcow2");
+        let format = if base_format == "qcow2" {
+            ImageFormat::Qcow2
+        } else {
+            ImageFormat::Raw
+        };
+        create_overlay(&overlay, 4 * MIB, 65536, &base_name, format);
+        let mut image = engine::open_rw(&overlay);
+        image.write_at(12_345, &[0xc1; 100_000]).unwrap();
+        image.write_at(3 * MIB + 7, &[0xc2; 9]).unwrap();
+        drop(image);
+        let view_before = oracle::qemu_read_raw(&overlay, None);
+
+        let theirs = Scratch::new();
+        copy_dir(&ours, &theirs, &[&base_name, "overlay.qcow2"]);
+        oracle::qemu_img_ok(&[
+            "commit",
+            "-q",
+            "-f",
+            "qcow2",
+            theirs.path("overlay.qcow2").to_str().unwrap(),
+        ]);
+
+        vmsnap_qcow2::commit(&overlay).unwrap_or_else(|e| panic!("commit into {base_format}: {e}"));
+
+        let read_base =
+            |dir: &Scratch| oracle::qemu_read_raw_format(&dir.path(&base_name), base_format);
+        let qemu_base = read_base(&theirs);
+        assert_same_bytes(
+            &view_before,
+            &qemu_base,
+            "qemu-img commit result is the overlay view",
+        );
+        assert_same_bytes(
+            &qemu_base,
+            &read_base(&ours),
+            &format!("our commit into {base_format}"),
+        );
+        if base_format == "qcow2" {
+            oracle::assert_qemu_check_clean(&ours.path(&base_name), "base after our commit");
+        }
+        oracle::assert_qemu_check_clean(&overlay, "overlay after our commit");
+        assert_same_bytes(
+            &view_before,
+            &oracle::qemu_read_raw(&overlay, None),
+            "overlay view after commit",
+        );
+    }
+}
+
+#[test]
+fn unsafe_rebase_only_changes_the_backing_name() {
+    let ours = Scratch::new();
+    qcow2_base(&ours, "a.qcow2");
+    raw_base(&ours, "b.raw", 4 * MIB);
+    let overlay = ours.path("overlay.qcow2");
+    create_overlay(&overlay, 4 * MIB, 65536, "a.qcow2", ImageFormat::Qcow2);
+    let mut image = engine::open_rw(&overlay);
+    image.write_at(MIB, &[0xd1; 5000]).unwrap();
+    drop(image);
+
+    let theirs = Scratch::new();
+    copy_dir(&ours, &theirs, &["a.qcow2", "b.raw", "overlay.qcow2"]);
+    oracle::qemu_img_ok(&[
+        "rebase",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.raw",
+        "-F",
+        "raw",
+        theirs.path("overlay.qcow2").to_str().unwrap(),
+    ]);
+
+    vmsnap_qcow2::rebase(
+        &overlay,
+        Some(BackingFile {
+            path: "b.raw".to_string(),
+            format: ImageFormat::Raw,
+        }),
+        true,
+    )
+    .expect("rebase -u");
+    assert_eq!(
+        info_backing(&overlay),
+        (Some("b.raw".into()), Some("raw".into()))
+    );
+    oracle::assert_qemu_check_clean(&overlay, "after rebase -u");
+    assert_same_bytes(
+        &oracle::qemu_read_raw(&theirs.path("overlay.qcow2"), None),
+        &oracle::qemu_read_raw(&overlay, None),
+        "our rebase -u vs qemu-img's",
+    );
+}
+
+#[test]
+fn safe_rebase_keeps_the_guest_view() {
+    for target in [Some(("b.raw", "raw")), None] {
+        let ours = Scratch::new();
+        qcow2_base(&ours, "a.qcow2");
+        raw_base(&ours, "b.raw", 4 * MIB);
+        let overlay = ours.path("overlay.qcow2");
+        create_overlay(&overlay, 4 * MIB, 4096, "a.qcow2", ImageFormat::Qcow2);
+        let mut image = engine::open_rw(&overlay);
+        image.write_at(MIB - 3, &[0xe1; 70_000]).unwrap();
+        drop(image);
+        let view = oracle::qemu_read_raw(&overlay, None);
+
+        let theirs = Scratch::new();
+        copy_dir(&ours, &theirs, &["a.qcow2", "b.raw", "overlay.qcow2"]);
+        let theirs_overlay = theirs.path("overlay.qcow2");
+        match target {
+            Some((name, fmt)) => oracle::qemu_img_ok(&[
+                "rebase",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                name,
+                "-F",
+                fmt,
+                theirs_overlay.to_str().unwrap(),
+            ]),
+            None => oracle::qemu_img_ok(&[
+                "rebase",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "",
+                theirs_overlay.to_str().unwrap(),
+            ]),
+        };
+
+        let new_backing = target.map(|(name, _)| BackingFile {
+            path: name.to_string(),
+            format: ImageFormat::Raw,
+        });
+        vmsnap_qcow2::rebase(&overlay, new_backing, false)
+            .unwrap_or_else(|e| panic!("safe rebase onto {target:?}: {e}"));
+        let what = format!("safe rebase onto {target:?}");
+        oracle::assert_qemu_check_clean(&overlay, &what);
+        assert_same_bytes(
+            &view,
+            &oracle::qemu_read_raw(&overlay, None),
+            &format!("{what}: guest view"),
+        );
+        assert_same_bytes(
+            &oracle::qemu_read_raw(&theirs_overlay, None),
+            &oracle::qemu_read_raw(&overlay, None),
+            &format!("{what}: vs qemu-img"),
+        );
+        let expected_backing = target
+            .map(|(n, f)| (Some(n.to_string()), Some(f.to_string())))
+            .unwrap_or((None, None));
+        assert_eq!(info_backing(&overlay), expected_backing, "{what}: header");
+    }
+}
+
+#[test]
+fn backing_loop_is_refused() {
+    let dir = Scratch::new();
+    let a = dir.path("a.qcow2");
+    let b = dir.path("b.qcow2");
+    for (image, backing) in [(&a, "b.qcow2"), (&b, "a.qcow2")] {
+        oracle::qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            image.to_str().unwrap(),
+            "1M",
+        ]);
+    }
+    let self_loop = dir.path("self.qcow2");
+    oracle::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "self.qcow2",
+        "-F",
+        "qcow2",
+        self_loop.to_str().unwrap(),
+        "1M",
+    ]);
+    for path in [&a, &self_loop] {
+        let before = common::read_file(path);
+        for writable in [false, true] {
+            match open_with(path, writable, BackingPolicy::FromHeader) {
+                Ok(_) => panic!("{} opened despite a backing loop", path.display()),
+                Err(message) => {
+                    assert!(!message.contains('\n'), "one-line error: {message:?}");
+                    assert!(
+                        message.contains(path.file_name().unwrap().to_str().unwrap()),
+                        "names the image: {message}"
+                    );
+                }
+            }
+        }
+        common::assert_unchanged(&before, path, "a refused open wrote to the image");
+    }
+}
+
+/// Removes the backing-format header extension by renaming it to an unknown extension
+/// (QEMU 7.2 will not create such an image any more, but older ones exist).
+fn strip_backing_format(path: &Path) {
+    let header = raw::Header::read(path);
+    let mut offset = u64::from(header.header_length);
+    loop {
+        let kind = raw::peek_u32(path, offset);
+        let len = u64::from(raw::peek_u32(path, offset + 4));
+        if kind == 0 {
+            panic!("no backing format extension in {}", path.display());
+        }
+        if kind == 0xe279_2aca {
+            raw::poke_u32(path, offset, 0x7654_3210);
+            return;
+        }
+        offset += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+#[test]
+fn backing_file_without_format_is_never_probed() {
+    let dir = Scratch::new();
+    // The backing file is a qcow2 image: probing would "work" and must not happen.
+    qcow2_base(&dir, "base.qcow2");
+    let overlay = dir.path("overlay.qcow2");
+    oracle::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        overlay.to_str().unwrap(),
+    ]);
+    strip_backing_format(&overlay);
+    assert!(
+        raw::peek_u64(&overlay, field::BACKING_FILE_OFFSET) != 0,
+        "still names a backing file"
+    );
+    let before = common::read_file(&overlay);
+    match open_with(&overlay, false, BackingPolicy::FromHeader) {
+        Ok(_) => panic!("a backing file of unknown format was followed"),
+        Err(message) => {
+            assert!(!message.contains('\n'), "one-line error: {message:?}");
+            assert!(
+                message.contains("overlay.qcow2") || message.contains("base.qcow2"),
+                "names the image: {message}"
+            );
+        }
+    }
+    // Told the format explicitly, the chain works.
+    let explicit = BackingPolicy::Explicit(BackingFile {
+        path: dir.path("base.qcow2").to_str().unwrap().to_string(),
+        format: ImageFormat::Qcow2,
+    });
+    let mut image =
+        open_with(&overlay, false, explicit).expect("open with an explicit backing format");
+    let expected = oracle::qemu_read_raw(&dir.path("base.qcow2"), None);
+    assert_same_bytes(
+        &expected,
+        &engine::read_all(&mut image, 4 * MIB),
+        "read with explicit backing",
+    );
+    drop(image);
+    common::assert_unchanged(&before, &overlay, "opening wrote to the overlay");
+}
+
+#[test]
+fn missing_backing_file_is_a_clear_error() {
+    let dir = Scratch::new();
+    let overlay = dir.path("orphan.qcow2");
+    oracle::qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "gone.qcow2",
+        "-F",
+        "qcow2",
+        overlay.to_str().unwrap(),
+        "1M",
+    ]);
+    match open_with(&overlay, false, BackingPolicy::FromHeader) {
+        Ok(_) => panic!("opened with a missing backing file"),
+        Err(message) => {
+            assert!(!message.contains('\n'), "one-line error: {message:?}");
+            assert!(
+                message.contains("gone.qcow2"),
+                "names the missing backing file: {message}"
+            );
+        }
+    }
+}
