@@ -185,9 +185,27 @@ impl DomainConfig {
     /// messages; relative paths are joined to `base_dir`. Files named by the
     /// config must exist and disk formats must match their declaration.
     pub fn parse(text: &str, origin: &Path, base_dir: &Path) -> Result<DomainConfig> {
-        let parser = Parser { text, origin };
+        let parser = Parser {
+            text,
+            origin,
+            check_files: true,
+        };
         let raw: RawConfig = toml::from_str(text).map_err(|e| parser.toml_error(&e))?;
         parser.build(raw, base_dir)
+    }
+
+    /// Parses a config kept in the metadata store ([`DomainConfig::to_toml`]):
+    /// keys and values are validated, files are not looked at. A domain must
+    /// stay loadable (listable, undefinable) after its images moved on, e.g.
+    /// when snapshot deletion merged the defined image away.
+    pub fn from_stored(text: &str, origin: &Path) -> Result<DomainConfig> {
+        let parser = Parser {
+            text,
+            origin,
+            check_files: false,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| parser.toml_error(&e))?;
+        parser.build(raw, Path::new("/"))
     }
 
     /// Renders the config back to TOML with absolute paths: the form kept in
@@ -251,6 +269,8 @@ pub fn check_image(path: &Path, format: DiskFormat) -> std::result::Result<(), S
 struct Parser<'a> {
     text: &'a str,
     origin: &'a Path,
+    /// Whether named files must exist and disk formats match (not for stored configs).
+    check_files: bool,
 }
 
 impl Parser<'_> {
@@ -344,6 +364,9 @@ impl Parser<'_> {
         } else {
             base.join(raw)
         };
+        if !self.check_files {
+            return Ok(joined);
+        }
         fs::canonicalize(&joined).map_err(|e| {
             self.error(
                 Some(value.span()),
@@ -419,8 +442,12 @@ impl Parser<'_> {
             }
             let file = self.resolve_existing(&disk.file, "file", base)?;
             let format = *disk.format.get_ref();
-            if let Err(why) = check_image(&file, format) {
-                return Err(self.error(Some(disk.format.span()), format!("disk {target}: {why}")));
+            if self.check_files {
+                if let Err(why) = check_image(&file, format) {
+                    return Err(
+                        self.error(Some(disk.format.span()), format!("disk {target}: {why}"))
+                    );
+                }
             }
             disks.push(DiskConfig {
                 target: target.clone(),
@@ -578,6 +605,11 @@ format = "raw"
         let again =
             DomainConfig::parse(&text, Path::new("(store)"), Path::new("/nonexistent")).unwrap();
         assert_eq!(config, again);
+        // A stored config stays loadable when its files are gone.
+        drop(fx);
+        let stored = DomainConfig::from_stored(&text, Path::new("(store)")).unwrap();
+        assert_eq!(config, stored);
+        assert!(DomainConfig::parse(&text, Path::new("(store)"), Path::new("/")).is_err());
     }
 
     #[test]

@@ -254,15 +254,11 @@ impl Host {
             .ok_or_else(|| Error::DomainNotFound {
                 name: name.to_string(),
             })?;
-        let config = DomainConfig::parse(
-            &record.config_toml,
-            Path::new("(metadata store)"),
-            Path::new("/"),
-        )
-        .map_err(|e| Error::StoreContent {
-            path: self.store.path().to_path_buf(),
-            reason: format!("the stored config of domain '{name}' no longer validates: {e}"),
-        })?;
+        let config = DomainConfig::from_stored(&record.config_toml, Path::new("(metadata store)"))
+            .map_err(|e| Error::StoreContent {
+                path: self.store.path().to_path_buf(),
+                reason: format!("the stored config of domain '{name}' no longer validates: {e}"),
+            })?;
         let disks = self.store.read(|c| store::disk_chains(c, name))?;
         let paths = self.state.domain_paths(name);
         Ok(Domain {

@@ -366,6 +366,16 @@ async fn qemu_start_failure_shows_stderr_and_leaves_nothing() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
     assert!(err.to_string().contains("vdb.raw"), "{err}");
+    drop(lock);
+    // The domain stays loadable and can be undefined although an image is gone.
+    assert_eq!(
+        bench.host.domain("broken").unwrap().state().await.unwrap(),
+        DomainState::ShutOff
+    );
+    bench
+        .host
+        .undefine("broken", LockWait::Fail, false)
+        .unwrap();
 }
 
 #[tokio::test]
