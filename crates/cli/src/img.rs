@@ -223,7 +223,7 @@ fn parse_size(text: &str) -> anyhow::Result<u64> {
     let value: f64 = num
         .parse()
         .map_err(|_| anyhow!("invalid size '{text}': not a number"))?;
-    if !(value >= 0.0) || !value.is_finite() {
+    if value.is_nan() || value < 0.0 || !value.is_finite() {
         bail!("invalid size '{text}'");
     }
     let bytes = value * mult as f64;

@@ -169,6 +169,17 @@ pub struct Qcow2Image {
     pub(crate) pending_frees: Vec<(u64, u64)>,
     pub(crate) metadata: Option<HashSet<u64>>,
     compressed_cache: Option<(u64, Vec<u8>)>,
+    unsynced: Unsynced,
+    writing_frees: bool,
+}
+
+/// What was written since the last fdatasync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unsynced {
+    Clean,
+    /// Only refcount decrements (losing them leaks, nothing worse).
+    FreesOnly,
+    Dirty,
 }
 
 impl Qcow2Image {
@@ -219,9 +230,19 @@ impl Qcow2Image {
             .metadata()
             .map_err(|e| Error::io(path, "stat the image", e))?
             .len();
-        let mut first = vec![0u8; file_len.min(1 << fmt::MAX_CLUSTER_BITS) as usize];
+        // The header and its extensions live in the first cluster; read 64 KiB, more if the
+        // cluster is larger.
+        let mut first = vec![0u8; file_len.min(64 << 10) as usize];
         file.read_exact_at(&mut first, 0)
             .map_err(|e| Error::io(path, "read the header", e))?;
+        if first.len() >= 24 {
+            let bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
+            if (16..=fmt::MAX_CLUSTER_BITS).contains(&bits) && (1u64 << bits) > first.len() as u64 {
+                first = vec![0u8; file_len.min(1u64 << bits) as usize];
+                file.read_exact_at(&mut first, 0)
+                    .map_err(|e| Error::io(path, "read the header", e))?;
+            }
+        }
         let header = Header::decode(&first).map_err(|e| Error::format(path, e))?;
         let unknown = header.unknown_incompatible(INCOMPAT_KNOWN);
         if !unknown.is_empty() {
@@ -268,6 +289,8 @@ impl Qcow2Image {
             pending_frees: Vec::new(),
             metadata: None,
             compressed_cache: None,
+            unsynced: Unsynced::Clean,
+            writing_frees: false,
             backing_name,
             file_len,
             header,
@@ -543,13 +566,34 @@ impl Qcow2Image {
             .write_all_at(data, offset)
             .map_err(|e| Error::io(&self.path, format!("write the {what} at {offset:#x}"), e))?;
         self.file_len = self.file_len.max(offset + data.len() as u64);
+        self.unsynced = match (self.unsynced, self.writing_frees) {
+            (Unsynced::Clean, true) => Unsynced::FreesOnly,
+            (Unsynced::FreesOnly, true) => Unsynced::FreesOnly,
+            _ => Unsynced::Dirty,
+        };
         Ok(())
     }
 
-    pub(crate) fn sync(&self) -> Result<()> {
+    /// fdatasync, skipped when nothing was written since the last one.
+    pub(crate) fn sync(&mut self) -> Result<()> {
+        if self.unsynced == Unsynced::Clean {
+            return Ok(());
+        }
         self.file
             .sync_data()
-            .map_err(|e| Error::io(&self.path, "flush the image to disk", e))
+            .map_err(|e| Error::io(&self.path, "flush the image to disk", e))?;
+        self.unsynced = Unsynced::Clean;
+        Ok(())
+    }
+
+    /// Writes refcount blocks that only hold decrements whose references are gone from disk.
+    ///
+    /// Losing these writes can only leak clusters, so `flush` does not sync for them alone.
+    pub(crate) fn write_frees(&mut self) -> Result<()> {
+        self.writing_frees = true;
+        let result = self.write_refblocks();
+        self.writing_frees = false;
+        result.map(|_| ())
     }
 
     /// Rewrites the whole first cluster from the in-memory header.
@@ -936,7 +980,26 @@ impl Qcow2Image {
         } else {
             (offset + len - 1) / cs
         };
+        let per = self.refblock_entries();
+        let order = self.header.refcount_order;
+        let max = max_refcount(order);
         for c in first..=last {
+            // Fast path: the block is in memory and the count stays within 1..=max.
+            if let Some(Some(block)) = self.rc.blocks.get_mut((c / per) as usize) {
+                let i = (c % per) as usize;
+                let old = get_refcount(&block.data, order, i);
+                let new = old
+                    .checked_add_signed(delta)
+                    .filter(|&n| n != 0 && n <= max);
+                if let Some(new) = new {
+                    if new != old {
+                        set_refcount(&mut block.data, order, i, new)
+                            .map_err(|e| Error::format(&self.path, e))?;
+                        block.dirty = true;
+                    }
+                    continue;
+                }
+            }
             let old = self.refcount(c)?;
             let new = if delta >= 0 {
                 let new = old.saturating_add(delta as u64);
@@ -1475,18 +1538,24 @@ impl Qcow2Image {
         }
         if !self.pending_frees.is_empty() {
             self.apply_pending_frees()?;
-            self.write_refblocks()?;
+            self.write_frees()?;
         }
         Ok(())
     }
 
     /// Makes every write so far durable, metadata included.
+    ///
+    /// Refcount decrements written last are not synced on their own: losing them
+    /// in a power failure only leaks clusters, which `check -r leaks` gives back.
     pub fn flush(&mut self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
         self.flush_metadata()?;
-        self.sync()
+        if self.unsynced == Unsynced::Dirty {
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// Forgets unwritten metadata changes and reloads the active L1 table (after a failed operation).
@@ -1564,7 +1633,7 @@ impl Qcow2Image {
         if old_len > 0 {
             self.free_later(old_off, old_len);
             self.apply_pending_frees()?;
-            self.write_refblocks()?;
+            self.write_frees()?;
         }
         Ok(())
     }

@@ -112,28 +112,31 @@ impl Qcow2Image {
 
     fn create_snapshot_steps(&mut self, mut entry: SnapshotEntry) -> Result<SnapshotEntry> {
         let cs = self.cluster_size();
-        // 1. A copy of the active L1 table in new clusters (unreferenced until step 4).
-        if !self.l1.is_empty() {
-            let copy: Vec<u64> = self.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
-            let bytes = fmt::encode_u64_table(&copy);
-            let off = self.alloc_clusters((bytes.len() as u64).div_ceil(cs))?;
+        // 1. New clusters for the L1 copy and the new snapshot table, all refcounts raised,
+        //    then written and synced before anything on disk points at them.
+        let l1_copy: Vec<u64> = self.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
+        let l1_bytes = fmt::encode_u64_table(&l1_copy);
+        if !l1_bytes.is_empty() {
+            let off = self.alloc_clusters((l1_bytes.len() as u64).div_ceil(cs))?;
             self.mark_metadata(off);
-            self.pwrite(off, &bytes, "snapshot L1 table")?;
             entry.l1_table_offset = off;
         }
-        // 2. Every cluster the active tree uses gains a reference; on disk before anything points at it.
+        let mut list = self.snapshots.clone();
+        list.push(entry.clone());
+        let (table_off, table_len) = self.prepare_snapshot_table(&list)?;
         let active = self.l1.clone();
         self.tree_refcount_pass(&active, 1)?;
+        if !l1_bytes.is_empty() {
+            self.pwrite(entry.l1_table_offset, &l1_bytes, "snapshot L1 table")?;
+        }
         self.write_refblocks()?;
         self.sync()?;
-        // 3. Shared clusters are no longer COPIED: later guest writes copy them.
+        // 2. Shared clusters are no longer COPIED: later guest writes copy them.
         self.update_active_copied_flags()?;
         self.write_tables()?;
         self.sync()?;
-        // 4. The snapshot table gains the entry (new table, header switch, old table freed).
-        let mut list = self.snapshots.clone();
-        list.push(entry.clone());
-        self.write_snapshot_table(list)?;
+        // 3. The header switches to the new table; the old table is freed after.
+        self.commit_snapshot_table(list, table_off, table_len)?;
         Ok(entry)
     }
 
@@ -354,36 +357,49 @@ impl Qcow2Image {
 
     /// Writes `list` as the new snapshot table, switches the header to it, frees the old one.
     ///
-    /// Same steps as QEMU: allocate and sync refcounts, write the table, sync, update the
-    /// header's count and offset, sync, then free the old table.
+    /// Same steps as QEMU: allocate and write the table, sync, update the header's count
+    /// and offset, sync, then free the old table.
     pub(crate) fn write_snapshot_table(&mut self, list: Vec<SnapshotEntry>) -> Result<()> {
+        let (off, len) = self.prepare_snapshot_table(&list)?;
+        self.write_refblocks()?;
+        self.sync()?;
+        self.commit_snapshot_table(list, off, len)
+    }
+
+    /// Allocates clusters for `list` and writes it there (unreferenced until committed).
+    fn prepare_snapshot_table(&mut self, list: &[SnapshotEntry]) -> Result<(u64, u64)> {
         let cs = self.cluster_size();
-        let bytes = fmt::encode_snapshot_table(&list).map_err(|e| Error::format(&self.path, e))?;
+        let bytes = fmt::encode_snapshot_table(list).map_err(|e| Error::format(&self.path, e))?;
+        if bytes.is_empty() {
+            return Ok((0, 0));
+        }
+        let off = self.alloc_clusters((bytes.len() as u64).div_ceil(cs))?;
+        self.mark_metadata(off);
+        self.pwrite(off, &bytes, "snapshot table")?;
+        Ok((off, bytes.len() as u64))
+    }
+
+    /// Points the header at a prepared (and synced) table, syncs, then frees the old table.
+    fn commit_snapshot_table(
+        &mut self,
+        list: Vec<SnapshotEntry>,
+        off: u64,
+        len: u64,
+    ) -> Result<()> {
         let old_off = self.header.snapshots_offset;
         let old_size = self.snapshots_size;
-        let new_off = if bytes.is_empty() {
-            0
-        } else {
-            let off = self.alloc_clusters((bytes.len() as u64).div_ceil(cs))?;
-            self.mark_metadata(off);
-            self.write_refblocks()?;
-            self.sync()?;
-            self.pwrite(off, &bytes, "snapshot table")?;
-            self.sync()?;
-            off
-        };
         self.header.nb_snapshots = list.len() as u32;
-        self.header.snapshots_offset = new_off;
+        self.header.snapshots_offset = off;
         let mut fields = [0u8; 12];
         fields[..4].copy_from_slice(&self.header.nb_snapshots.to_be_bytes());
-        fields[4..].copy_from_slice(&new_off.to_be_bytes());
+        fields[4..].copy_from_slice(&off.to_be_bytes());
         self.pwrite(60, &fields, "header")?;
         self.sync()?;
         self.snapshots = list;
-        self.snapshots_size = bytes.len() as u64;
+        self.snapshots_size = len;
         if old_size > 0 && old_off != 0 {
             self.add_refcount(old_off, old_size, -1)?;
-            self.write_refblocks()?;
+            self.write_frees()?;
         }
         Ok(())
     }
