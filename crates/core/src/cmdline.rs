@@ -5,7 +5,9 @@
 //! started it, and so that startup errors come back on stderr with a non-zero
 //! exit status before vmsnap returns. Disks are given as JSON `-blockdev`
 //! options (no comma-escaping pitfalls with odd paths), with every backing
-//! link spelled out (see [`crate::disk`] for the node names).
+//! link spelled out (see [`crate::disk`] for the node names). Every node
+//! has `discard=unmap`, so clusters freed by the guest or by deleting a
+//! snapshot become holes in the image files instead of staying allocated.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -152,9 +154,8 @@ pub fn qemu_args(
             let read_only = depth > 0;
             let filename = utf8(&layer.path, "image").map_err(invalid)?;
             let file_node = file_node_name(&layer.node_name);
-            let mut protocol =
-                json!({"driver": "file", "filename": filename, "node-name": file_node});
-            let mut format = json!({"driver": layer.format.as_str(), "file": file_node, "node-name": layer.node_name});
+            let mut protocol = json!({"driver": "file", "filename": filename, "node-name": file_node, "discard": "unmap"});
+            let mut format = json!({"driver": layer.format.as_str(), "file": file_node, "node-name": layer.node_name, "discard": "unmap"});
             match (layer.format, backing) {
                 (DiskFormat::Qcow2, backing) => {
                     format["backing"] =
@@ -259,11 +260,11 @@ mod tests {
             "-mon", "chardev=vmsnap-query,mode=control",
             "-pidfile", &format!("{dir}/qemu.pid"),
             "-daemonize",
-            "-blockdev", r#"{"driver":"file","filename":"/img/a,b.qcow2","node-name":"vmsnap-vda-file"}"#,
-            "-blockdev", r#"{"backing":null,"driver":"qcow2","file":"vmsnap-vda-file","node-name":"vmsnap-vda"}"#,
+            "-blockdev", r#"{"driver":"file","filename":"/img/a,b.qcow2","node-name":"vmsnap-vda-file","discard":"unmap"}"#,
+            "-blockdev", r#"{"backing":null,"driver":"qcow2","file":"vmsnap-vda-file","node-name":"vmsnap-vda","discard":"unmap"}"#,
             "-device", "virtio-blk-pci,drive=vmsnap-vda,id=vda",
-            "-blockdev", r#"{"driver":"file","filename":"/img/data.raw","node-name":"vmsnap-vdb-file"}"#,
-            "-blockdev", r#"{"driver":"raw","file":"vmsnap-vdb-file","node-name":"vmsnap-vdb"}"#,
+            "-blockdev", r#"{"driver":"file","filename":"/img/data.raw","node-name":"vmsnap-vdb-file","discard":"unmap"}"#,
+            "-blockdev", r#"{"driver":"raw","file":"vmsnap-vdb-file","node-name":"vmsnap-vdb","discard":"unmap"}"#,
             "-device", "virtio-blk-pci,drive=vmsnap-vdb,id=vdb",
             "-chardev", "socket,id=ctl,path=/t/ctl.sock,server=on,wait=off",
         ]
