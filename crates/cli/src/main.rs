@@ -4,7 +4,7 @@
 //! only parses arguments, calls the library and renders tables, trees and JSON.
 //!
 //! Command groups are modules: `img` is a subcommand of its own, the domain
-//! (and later snapshot) commands are flattened to the top level as virsh has
+//! and snapshot commands are flattened to the top level as virsh has
 //! them. Adding a group is a variant (`#[command(flatten)] X(x::XCommand)`)
 //! and its dispatch arm.
 
