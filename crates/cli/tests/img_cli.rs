@@ -631,3 +631,109 @@ fn refusals_are_one_line_and_change_nothing() {
         "a refused command wrote to the image"
     );
 }
+
+/// Writes `bytes` at `offset` of a file.
+fn poke(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+/// Header damage in the spirit of QEMU's iotest 080: every image command refuses the
+/// image with a one-line error naming it, exits non-zero, and writes nothing.
+#[test]
+fn corrupt_headers_are_refused_by_every_command() {
+    let dir = tmp();
+    let cases: [(&str, u64, &[u8]); 9] = [
+        ("wrong magic", 0, b"QFIX"),
+        ("huge l1_size", 36, &[0xff, 0xff, 0xff, 0xff]),
+        (
+            "misaligned L1 table",
+            40,
+            &[0x12, 0x34, 0x56, 0x78, 0x90, 0xab, 0xcd, 0xef],
+        ),
+        (
+            "misaligned refcount table",
+            48,
+            &[0x12, 0x34, 0x56, 0x78, 0x90, 0xab, 0xcd, 0xef],
+        ),
+        ("huge refcount table", 56, &[0xff, 0xff, 0xff, 0xff]),
+        ("huge nb_snapshots", 60, &[0x7f, 0xff, 0xff, 0xff]),
+        (
+            "snapshot table past EOF",
+            64,
+            &[0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0],
+        ),
+        (
+            "unknown incompatible feature",
+            72,
+            &[0, 0, 1, 0, 0, 0, 0, 0],
+        ),
+        ("cluster_bits 30", 20, &[0, 0, 0, 30]),
+    ];
+    for (index, (what, offset, bytes)) in cases.iter().enumerate() {
+        let name = format!("case{index}.qcow2");
+        let path = dir.path().join(&name);
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&path), "4M"]);
+        qemu_io(&path, "write -P 0x71 0 4k");
+        qemu_img_ok(&["snapshot", "-c", "keep", s(&path)]);
+        if *what == "snapshot table past EOF" {
+            poke(&path, 60, &[0, 0, 0, 2]);
+        }
+        poke(&path, *offset, bytes);
+        let before = std::fs::read(&path).unwrap();
+        // -f qcow2 as a user would give it: without it a file with no qcow2 magic is raw.
+        for args in [
+            vec!["info", "-f", "qcow2", s(&path)],
+            vec!["snapshot", "-l", "-f", "qcow2", s(&path)],
+            vec!["snapshot", "-c", "new", "-f", "qcow2", s(&path)],
+            vec!["snapshot", "-a", "keep", "-f", "qcow2", s(&path)],
+            vec!["snapshot", "-d", "keep", "-f", "qcow2", s(&path)],
+        ] {
+            let out = vmsnap(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{what}: `vmsnap img {}` succeeded",
+                args.join(" ")
+            );
+            assert!(!stderr.contains("panicked"), "{what}: panic: {stderr}");
+            assert_eq!(
+                stderr.trim_end().lines().count(),
+                1,
+                "{what}: one line: {stderr:?}"
+            );
+            assert!(
+                stderr.contains(&name),
+                "{what}: names the image: {stderr:?}"
+            );
+        }
+        let out = vmsnap(&["check", s(&path)]);
+        assert!(
+            !out.status.success(),
+            "{what}: check of an unopenable image exits non-zero"
+        );
+        assert!(
+            before == std::fs::read(&path).unwrap(),
+            "{what}: a refused command wrote"
+        );
+    }
+}
+
+/// QEMU marks images it found corrupt; we must not write to one.
+#[test]
+fn corrupt_bit_refuses_writes() {
+    let dir = tmp();
+    let path = dir.path().join("marked.qcow2");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&path), "4M"]);
+    qemu_img_ok(&["snapshot", "-c", "keep", s(&path)]);
+    poke(&path, 79, &[2]); // incompatible feature bit 1: corrupt
+    let before = std::fs::read(&path).unwrap();
+    vmsnap_refused(&["snapshot", "-c", "new", s(&path)], "marked.qcow2");
+    vmsnap_refused(&["snapshot", "-d", "keep", s(&path)], "marked.qcow2");
+    assert!(
+        before == std::fs::read(&path).unwrap(),
+        "a refused command wrote"
+    );
+}

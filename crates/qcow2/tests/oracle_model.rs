@@ -403,6 +403,32 @@ fn check_snapshot_list(image: &mut Qcow2Image, model: &DiskModel, log: &OpLog) {
         .map(|s| (s.id.clone(), s.name.clone()))
         .collect::<Vec<_>>();
     assert_eq!(listed, expected, "{}", log.context("engine snapshot list"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    for snapshot in image.snapshots() {
+        assert_eq!(
+            snapshot.vm_state_size,
+            0,
+            "{}",
+            log.context("a disk-only snapshot has no VM state")
+        );
+        assert_eq!(
+            snapshot.disk_size,
+            model.active.len() as u64,
+            "{}",
+            log.context("snapshot disk size")
+        );
+        assert!(
+            u64::from(snapshot.date_sec).abs_diff(now) < 3600 && snapshot.date_nsec < 1_000_000_000,
+            "{}",
+            log.context(&format!(
+                "snapshot {} dated {}.{:09}, not now ({now})",
+                snapshot.name, snapshot.date_sec, snapshot.date_nsec
+            ))
+        );
+    }
 }
 
 /// QEMU's view of the image must match the model exactly: clean check, same snapshot
@@ -418,7 +444,12 @@ fn verify_with_qemu(path: &Path, model: &DiskModel, context: &str) {
         .iter()
         .map(|s| (s.id.clone(), s.name.clone()))
         .collect();
-    assert_eq!(listed, expected, "{context}: qemu-img snapshot list");
+    assert_eq!(listed, expected, "{context}: qemu-img info snapshot list");
+    assert_eq!(
+        oracle::qemu_snapshot_list_text(path),
+        expected,
+        "{context}: qemu-img snapshot -l"
+    );
     for snapshot in &model.snapshots {
         let bytes = oracle::qemu_read_raw(path, Some(&snapshot.name));
         assert_same_bytes(

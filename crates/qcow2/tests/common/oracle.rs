@@ -187,6 +187,20 @@ pub fn qemu_snapshots(path: &Path) -> Vec<QemuSnapshot> {
         .collect()
 }
 
+/// `qemu-img snapshot -l` as (id, tag) pairs, parsed from its table (tags without spaces).
+pub fn qemu_snapshot_list_text(path: &Path) -> Vec<(String, String)> {
+    // qemu-img 7.2's snapshot command has no -f; these test images are all qcow2.
+    let out = qemu_img_ok(&["snapshot", "-l", path.to_str().expect("utf-8 path")]);
+    out.lines()
+        .skip_while(|line| !line.starts_with("ID"))
+        .skip(1)
+        .filter_map(|line| {
+            let mut columns = line.split_whitespace();
+            Some((columns.next()?.to_string(), columns.next()?.to_string()))
+        })
+        .collect()
+}
+
 /// The guest-visible bytes of an image (its active state, or one internal snapshot) as
 /// `qemu-img convert -O raw` produces them, following the backing chain QEMU follows.
 pub fn qemu_read_raw(path: &Path, snapshot: Option<&str>) -> Vec<u8> {
