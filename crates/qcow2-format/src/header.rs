@@ -278,6 +278,12 @@ impl Header {
                     format!("{} is shorter than 104 bytes", h.header_length),
                 ));
             }
+            if h.header_length % 8 != 0 {
+                return Err(FormatError::invalid(
+                    "header_length",
+                    format!("{} is not a multiple of 8", h.header_length),
+                ));
+            }
             if u64::from(h.header_length) > cluster_size {
                 return Err(FormatError::invalid(
                     "header_length",

@@ -40,13 +40,19 @@ impl SnapshotEntry {
     /// Bytes this entry takes when encoded, including padding to 8.
     pub fn encoded_len(&self) -> u64 {
         align_up(
-            (FIXED_LEN
-                + KNOWN_EXTRA_LEN
-                + self.unknown_extra.len()
-                + self.id.len()
-                + self.name.len()) as u64,
+            (FIXED_LEN + self.extra_len() + self.id.len() + self.name.len()) as u64,
             8,
         )
+    }
+
+    /// Extra data bytes written: QEMU 7.2's 24, plus unknown data; only the large VM state
+    /// size for an entry that never had a disk size (so the absence survives a rewrite).
+    fn extra_len(&self) -> usize {
+        if self.disk_size.is_none() && self.icount.is_none() && self.unknown_extra.is_empty() {
+            8
+        } else {
+            KNOWN_EXTRA_LEN + self.unknown_extra.len()
+        }
     }
 
     fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), FormatError> {
@@ -58,7 +64,7 @@ impl SnapshotEntry {
             what: "snapshot name",
             detail: format!("{} bytes", self.name.len()),
         })?;
-        let extra_len = KNOWN_EXTRA_LEN + self.unknown_extra.len();
+        let extra_len = self.extra_len();
         if extra_len > MAX_SNAPSHOT_EXTRA_DATA as usize {
             return Err(FormatError::TooLarge {
                 what: "snapshot extra data",
@@ -77,9 +83,11 @@ impl SnapshotEntry {
         out.extend_from_slice(&small.to_be_bytes());
         out.extend_from_slice(&(extra_len as u32).to_be_bytes());
         out.extend_from_slice(&self.vm_state_size.to_be_bytes());
-        out.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
-        out.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
-        out.extend_from_slice(&self.unknown_extra);
+        if extra_len > 8 {
+            out.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
+            out.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
+            out.extend_from_slice(&self.unknown_extra);
+        }
         out.extend_from_slice(self.id.as_bytes());
         out.extend_from_slice(self.name.as_bytes());
         out.resize(align_up(out.len() as u64, 8) as usize, 0);

@@ -6,7 +6,7 @@
 //! removed before the refcounts they held are decreased. A crash at any point
 //! can therefore only leak clusters.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -167,10 +167,19 @@ pub struct Qcow2Image {
     pub(crate) snapshots_size: u64,
     pub(crate) backing: Option<Box<dyn Disk>>,
     pub(crate) pending_frees: Vec<(u64, u64)>,
-    pub(crate) metadata: Option<HashSet<u64>>,
+    pub(crate) metadata: Option<HashMap<u64, MetaKind>>,
     compressed_cache: Option<(u64, Vec<u8>)>,
     unsynced: Unsynced,
     writing_frees: bool,
+}
+
+/// What a metadata cluster holds, for the overlap checks before writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MetaKind {
+    /// Header, L1 tables, refcount table and blocks, snapshot table.
+    Fixed,
+    /// An L2 table of the active L1 table.
+    ActiveL2,
 }
 
 /// What was written since the last fdatasync.
@@ -446,7 +455,11 @@ impl Qcow2Image {
             let mut buf = vec![0u8; want as usize];
             self.pread(off, &mut buf, "snapshot table")?;
             match decode_snapshot_table(&buf, nb) {
-                Ok((entries, size)) => {
+                Ok((mut entries, size)) => {
+                    // QEMU reads a missing disk size as the image's current size and writes it back.
+                    for e in &mut entries {
+                        e.disk_size.get_or_insert(self.header.size);
+                    }
                     self.snapshots = entries;
                     self.snapshots_size = size;
                     return Ok(());
@@ -1101,7 +1114,7 @@ impl Qcow2Image {
                     self.rc.table[b as usize] = at * cs;
                     self.rc.table_dirty = true;
                     self.set_refcount_value(at, 1)?;
-                    self.mark_metadata(at * cs);
+                    self.mark_metadata(at * cs, cs);
                     continue;
                 }
                 Some(b) => {
@@ -1181,7 +1194,7 @@ impl Qcow2Image {
         let table_offset = (end + new_blocks) * cs;
         for c in end..end + new_blocks + table_clusters {
             self.set_refcount_value(c, 1)?;
-            self.mark_metadata(c * cs);
+            self.mark_metadata(c * cs, cs);
         }
         self.write_refblocks()?;
         let bytes = fmt::encode_u64_table(&self.rc.table);
@@ -1207,53 +1220,70 @@ impl Qcow2Image {
             return Ok(());
         }
         let cs = self.cluster_size();
-        let mut set = HashSet::new();
-        let add_range = |set: &mut HashSet<u64>, off: u64, len: u64| {
-            if len > 0 {
-                let mut c = off / cs * cs;
-                while c < off + len {
-                    set.insert(c);
-                    c += cs;
-                }
+        let mut map = HashMap::new();
+        let add_range = |map: &mut HashMap<u64, MetaKind>, off: u64, len: u64| {
+            let mut c = off / cs * cs;
+            while c < off.saturating_add(len) {
+                map.insert(c, MetaKind::Fixed);
+                c += cs;
             }
         };
-        add_range(&mut set, 0, cs);
+        add_range(&mut map, 0, cs);
         add_range(
-            &mut set,
+            &mut map,
             self.header.l1_table_offset,
             u64::from(self.header.l1_size) * 8,
         );
         add_range(
-            &mut set,
+            &mut map,
             self.header.refcount_table_offset,
             u64::from(self.header.refcount_table_clusters) * cs,
         );
-        add_range(&mut set, self.header.snapshots_offset, self.snapshots_size);
+        add_range(&mut map, self.header.snapshots_offset, self.snapshots_size);
         for s in &self.snapshots {
-            add_range(&mut set, s.l1_table_offset, u64::from(s.l1_size) * 8);
+            add_range(&mut map, s.l1_table_offset, u64::from(s.l1_size) * 8);
         }
         for &e in &self.rc.table {
             if e & OFFSET_MASK != 0 {
-                set.insert(e & OFFSET_MASK);
+                map.insert(e & OFFSET_MASK, MetaKind::Fixed);
             }
         }
         for &e in &self.l1 {
             if e & OFFSET_MASK != 0 {
-                set.insert(e & OFFSET_MASK);
+                map.entry(e & OFFSET_MASK).or_insert(MetaKind::ActiveL2);
             }
         }
-        self.metadata = Some(set);
+        self.metadata = Some(map);
         Ok(())
     }
 
     fn is_metadata(&self, off: u64) -> bool {
-        self.metadata.as_ref().is_some_and(|m| m.contains(&off))
+        self.metadata.as_ref().is_some_and(|m| m.contains_key(&off))
     }
 
-    pub(crate) fn mark_metadata(&mut self, off: u64) {
+    /// Records that the clusters of `[off, off + len)` hold metadata other than L2 tables.
+    pub(crate) fn mark_metadata(&mut self, off: u64, len: u64) {
+        let cs = self.cluster_size();
         if let Some(m) = self.metadata.as_mut() {
-            m.insert(off);
+            let mut c = off / cs * cs;
+            while c < off.saturating_add(len.max(1)) {
+                m.insert(c, MetaKind::Fixed);
+                c += cs;
+            }
         }
+    }
+
+    /// Refuses a write to `off` that would land on metadata of another kind (QEMU's overlap check).
+    fn check_overlap(&mut self, off: u64, allowed: Option<MetaKind>, what: &str) -> Result<()> {
+        self.ensure_metadata_map()?;
+        let found = self.metadata.as_ref().and_then(|m| m.get(&off)).copied();
+        if found.is_some() && found != allowed {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("{what} at {off:#x} overlaps other metadata; refusing to write"),
+            ));
+        }
+        Ok(())
     }
 
     // ---- guest writes ----------------------------------------------------
@@ -1326,6 +1356,7 @@ impl Qcow2Image {
         let full = chunk.len() as u64 == cs;
         match entry {
             L2Entry::Normal { host, copied } if self.refcount(host / cs)? == 1 => {
+                self.check_overlap(host, None, "data cluster")?;
                 if !copied {
                     self.set_l2_entry(l2_off, l2i, host | OFLAG_COPIED);
                 }
@@ -1334,6 +1365,7 @@ impl Qcow2Image {
             L2Entry::Zero {
                 host: Some(host), ..
             } if self.refcount(host / cs)? == 1 => {
+                self.check_overlap(host, None, "data cluster")?;
                 if !full {
                     let mut buf = vec![0u8; cs as usize];
                     buf[in_cluster as usize..in_cluster as usize + chunk.len()]
@@ -1395,6 +1427,7 @@ impl Qcow2Image {
                 self.check_l2_offset(off)?;
             }
             if self.refcount(off / cs)? == 1 {
+                self.check_overlap(off, Some(MetaKind::ActiveL2), "L2 table")?;
                 self.load_l2(off)?;
                 if raw & OFLAG_COPIED == 0 {
                     self.l1[l1i] = off | OFLAG_COPIED;
@@ -1410,7 +1443,9 @@ impl Qcow2Image {
             vec![0u64; (cs / 8) as usize]
         };
         let new = self.alloc_clusters(1)?;
-        self.mark_metadata(new);
+        if let Some(m) = self.metadata.as_mut() {
+            m.insert(new, MetaKind::ActiveL2);
+        }
         self.l2.insert(
             new,
             L2Table {
@@ -1612,9 +1647,7 @@ impl Qcow2Image {
         let bytes = entries * 8;
         let clusters = bytes.div_ceil(cs);
         let new_off = self.alloc_clusters(clusters)?;
-        for k in 0..clusters {
-            self.mark_metadata(new_off + k * cs);
-        }
+        self.mark_metadata(new_off, clusters * cs);
         self.write_refblocks()?;
         self.sync()?;
         let mut new_l1 = self.l1.clone();

@@ -118,17 +118,22 @@ impl Qcow2Image {
         let l1_bytes = fmt::encode_u64_table(&l1_copy);
         if !l1_bytes.is_empty() {
             let off = self.alloc_clusters((l1_bytes.len() as u64).div_ceil(cs))?;
-            self.mark_metadata(off);
+            self.mark_metadata(off, l1_bytes.len() as u64);
             entry.l1_table_offset = off;
         }
         let mut list = self.snapshots.clone();
         list.push(entry.clone());
-        let (table_off, table_len) = self.prepare_snapshot_table(&list)?;
+        let (table_off, table) = self.prepare_snapshot_table(&list)?;
+        // Everything is decided in memory first, so a refusal (refcount overflow) writes nothing.
         let active = self.l1.clone();
         self.tree_refcount_pass(&active, 1)?;
         if !l1_bytes.is_empty() {
             self.pwrite(entry.l1_table_offset, &l1_bytes, "snapshot L1 table")?;
         }
+        if !table.is_empty() {
+            self.pwrite(table_off, &table, "snapshot table")?;
+        }
+        let table_len = table.len() as u64;
         self.write_refblocks()?;
         self.sync()?;
         // 2. Shared clusters are no longer COPIED: later guest writes copy them.
@@ -360,23 +365,25 @@ impl Qcow2Image {
     /// Same steps as QEMU: allocate and write the table, sync, update the header's count
     /// and offset, sync, then free the old table.
     pub(crate) fn write_snapshot_table(&mut self, list: Vec<SnapshotEntry>) -> Result<()> {
-        let (off, len) = self.prepare_snapshot_table(&list)?;
+        let (off, table) = self.prepare_snapshot_table(&list)?;
+        if !table.is_empty() {
+            self.pwrite(off, &table, "snapshot table")?;
+        }
         self.write_refblocks()?;
         self.sync()?;
-        self.commit_snapshot_table(list, off, len)
+        self.commit_snapshot_table(list, off, table.len() as u64)
     }
 
-    /// Allocates clusters for `list` and writes it there (unreferenced until committed).
-    fn prepare_snapshot_table(&mut self, list: &[SnapshotEntry]) -> Result<(u64, u64)> {
+    /// Encodes `list` and allocates clusters for it; the caller writes it there.
+    fn prepare_snapshot_table(&mut self, list: &[SnapshotEntry]) -> Result<(u64, Vec<u8>)> {
         let cs = self.cluster_size();
         let bytes = fmt::encode_snapshot_table(list).map_err(|e| Error::format(&self.path, e))?;
         if bytes.is_empty() {
-            return Ok((0, 0));
+            return Ok((0, bytes));
         }
         let off = self.alloc_clusters((bytes.len() as u64).div_ceil(cs))?;
-        self.mark_metadata(off);
-        self.pwrite(off, &bytes, "snapshot table")?;
-        Ok((off, bytes.len() as u64))
+        self.mark_metadata(off, bytes.len() as u64);
+        Ok((off, bytes))
     }
 
     /// Points the header at a prepared (and synced) table, syncs, then frees the old table.
