@@ -59,22 +59,12 @@ impl StateDir {
     /// `~/.local/share/vmsnap`) for everyone else.
     pub fn default_root() -> Result<PathBuf> {
         // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
-            return Ok(PathBuf::from("/var/lib/vmsnap"));
-        }
-        if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").map(PathBuf::from) {
-            if xdg.is_absolute() {
-                return Ok(xdg.join("vmsnap"));
-            }
-        }
-        match std::env::var_os("HOME").map(PathBuf::from) {
-            Some(home) if home.is_absolute() => Ok(home.join(".local/share/vmsnap")),
-            _ => Err(Error::StateDir {
-                reason: "neither XDG_DATA_HOME nor HOME is set to an absolute path; pass --state-dir DIR \
-                         or set VMSNAP_STATE_DIR"
-                    .into(),
-            }),
-        }
+        let euid = unsafe { libc::geteuid() };
+        default_root_for(
+            euid,
+            std::env::var_os("XDG_DATA_HOME").map(PathBuf::from),
+            std::env::var_os("HOME").map(PathBuf::from),
+        )
     }
 
     /// Opens the state directory at `root` (or the default), creating it with
@@ -151,6 +141,30 @@ impl DomainPaths {
     }
 }
 
+/// The default state directory for a user id and its XDG_DATA_HOME and HOME
+/// (a relative XDG_DATA_HOME is ignored, as the XDG spec requires).
+fn default_root_for(
+    euid: u32,
+    xdg_data_home: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> Result<PathBuf> {
+    if euid == 0 {
+        return Ok(PathBuf::from("/var/lib/vmsnap"));
+    }
+    if let Some(xdg) = xdg_data_home.filter(|p| p.is_absolute()) {
+        return Ok(xdg.join("vmsnap"));
+    }
+    match home {
+        Some(home) if home.is_absolute() => Ok(home.join(".local/share/vmsnap")),
+        _ => Err(Error::StateDir {
+            reason:
+                "neither XDG_DATA_HOME nor HOME is set to an absolute path; pass --state-dir DIR \
+                     or set VMSNAP_STATE_DIR"
+                    .into(),
+        }),
+    }
+}
+
 /// Removes a file, treating "already gone" as success.
 pub(crate) fn remove_if_present(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
@@ -195,6 +209,29 @@ mod tests {
         );
         assert_eq!(paths.qmp_socket, root.join("domains/demo/qmp.sock"));
         assert_eq!(state.database_path(), root.join("vmsnap.db"));
+    }
+
+    #[test]
+    fn default_root_follows_user_and_xdg() {
+        let home = Some(PathBuf::from("/home/u"));
+        let xdg = Some(PathBuf::from("/data"));
+        assert_eq!(
+            default_root_for(0, xdg.clone(), home.clone()).unwrap(),
+            Path::new("/var/lib/vmsnap")
+        );
+        assert_eq!(
+            default_root_for(1000, xdg, home.clone()).unwrap(),
+            Path::new("/data/vmsnap")
+        );
+        assert_eq!(
+            default_root_for(1000, Some("relative".into()), home.clone()).unwrap(),
+            Path::new("/home/u/.local/share/vmsnap")
+        );
+        assert_eq!(
+            default_root_for(1000, None, home).unwrap(),
+            Path::new("/home/u/.local/share/vmsnap")
+        );
+        assert!(default_root_for(1000, None, None).is_err());
     }
 
     #[test]
