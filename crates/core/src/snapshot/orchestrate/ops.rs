@@ -399,6 +399,45 @@ impl<'a> Orchestrator<'a> {
                 }
                 return Ok(());
             }
+            // A backing layer QEMU has open read-only: make it writable for
+            // the moment of the delete (QEMU's lock keeps the engine out).
+            for chain in &chains {
+                let Some(depth) = chain.layers.iter().position(|l| l.path == image) else {
+                    continue;
+                };
+                let layer = &chain.layers[depth];
+                if !offline::live_has_tag(&dom.name, qmp, &layer.node_name, tag).await? {
+                    return Ok(());
+                }
+                let backing = chain.layers.get(depth + 1).map(|l| l.node_name.clone());
+                let reopen = |read_only: bool| {
+                    json!({"options": [
+                        {"driver": "file", "node-name": file_node_name(&layer.node_name),
+                         "filename": layer.path, "read-only": read_only, "discard": "unmap"},
+                        {"driver": layer.format.as_str(), "node-name": layer.node_name,
+                         "file": file_node_name(&layer.node_name), "backing": backing,
+                         "read-only": read_only},
+                    ]})
+                };
+                qmp.execute("blockdev-reopen", Some(reopen(false)))
+                    .await
+                    .map_err(qmp_error(&dom.name, "blockdev-reopen"))?;
+                let job = format!("vmsnap-delete-{}", now_unix());
+                let deleted = match qmp
+                    .execute(
+                        "snapshot-delete",
+                        Some(json!({"job-id": job, "tag": tag, "devices": [layer.node_name]})),
+                    )
+                    .await
+                {
+                    Ok(_) => qmp.wait_job(&job, JOB_TIMEOUT).await,
+                    Err(err) => Err(err),
+                };
+                let restored = qmp.execute("blockdev-reopen", Some(reopen(true))).await;
+                deleted.map_err(qmp_error(&dom.name, "snapshot-delete"))?;
+                restored.map_err(qmp_error(&dom.name, "blockdev-reopen"))?;
+                return Ok(());
+            }
         }
         offline::delete_tag_if_present(image, tag)
     }
@@ -514,7 +553,7 @@ impl<'a> Orchestrator<'a> {
         let external = request.external
             || mem_mode == Some(DiskSnapshotMode::External)
             || any_external_disk
-            || (request.disk_only && !any_internal_disk && live);
+            || (request.disk_only && !any_internal_disk);
         let want_memory = !request.disk_only && mem_mode != Some(DiskSnapshotMode::No) && live;
         if !live && mem_mode.is_some_and(|m| m != DiskSnapshotMode::No) {
             return Err(SnapshotError::Unsupported(format!(

@@ -1,0 +1,280 @@
+//! `vmsnap snapshot-*` end to end with the test guest (TCG): virsh's messages
+//! and formats, `--json`, and clear refusals of bad input that change
+//! nothing (DESIGN §5.5): one line on stderr, non-zero exit, the VM still
+//! running, no snapshot recorded, no stray file.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use vmsnap_testguest::{guest_initrd, guest_kernel, Guest, GUEST_KERNEL_CMDLINE};
+
+struct Bench {
+    dir: tempfile::TempDir,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let dir = tempfile::Builder::new()
+            .prefix("vmsnap-snapcli")
+            .tempdir()
+            .unwrap();
+        Bench { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+            .args(args)
+            .env("VMSNAP_STATE_DIR", self.path("state"))
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vmsnap {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command that must be refused with one line mentioning `needle`.
+    fn refused(&self, args: &[&str], needle: &str) {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "vmsnap {args:?} should fail");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "one-line error for {args:?}: {stderr}"
+        );
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(
+            stderr.contains(needle),
+            "error for {args:?} should mention {needle:?}: {stderr}"
+        );
+    }
+
+    /// Every file under the state directory and the test directory.
+    fn files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if !path.to_string_lossy().contains("serial.log")
+                    && !path.extension().is_some_and(|e| e == "sock")
+                {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.dir.path(), &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = self.run(&["destroy", "cli"]);
+    }
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn snapshot_commands_and_refusals() {
+    let bench = Bench::new();
+    let vda = bench.path("vda.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", vda.to_str().unwrap(), "32M"]);
+    fs::write(bench.path("vdb.raw"), vec![0u8; 8 << 20]).unwrap();
+    let ctl = bench.path("ctl.sock");
+    fs::write(
+        bench.path("cli.toml"),
+        format!(
+            r#"name = "cli"
+memory_mib = 160
+vcpus = 1
+accel = "tcg"
+kernel = "{}"
+initrd = "{}"
+cmdline = "{}"
+qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={},server=on,wait=off", "-device", "isa-serial,chardev=ctl"]
+
+[[disk]]
+target = "vda"
+file = "vda.qcow2"
+format = "qcow2"
+
+[[disk]]
+target = "vdb"
+file = "vdb.raw"
+format = "raw"
+"#,
+            guest_kernel().unwrap().display(),
+            guest_initrd().unwrap().display(),
+            GUEST_KERNEL_CMDLINE,
+            ctl.display()
+        ),
+    )
+    .unwrap();
+    bench.ok(&["define", bench.path("cli.toml").to_str().unwrap()]);
+    bench.ok(&["start", "cli"]);
+    let mut guest = Guest::connect(&ctl, Duration::from_secs(60)).unwrap();
+    guest.set_ram_value("first").unwrap();
+    let files_before = bench.files();
+
+    // Bad input: refused with one line, nothing changes.
+    bench.refused(&["snapshot-create-as", "nosuch", "s1"], "nosuch");
+    bench.refused(&["snapshot-create-as", "cli", "s1"], "vdb");
+    bench.refused(&["snapshot-create-as", "cli", "../x", "--external"], "x");
+    let existing = bench.path("exists.mem");
+    fs::write(&existing, b"keep me").unwrap();
+    let overlay = bench.path("vda.e1.qcow2");
+    let memspec = format!("file={},snapshot=external", existing.display());
+    let diskspec = format!("vda,snapshot=external,file={}", overlay.display());
+    bench.refused(
+        &[
+            "snapshot-create-as",
+            "cli",
+            "e1",
+            "--memspec",
+            &memspec,
+            "--diskspec",
+            &diskspec,
+        ],
+        "already exists",
+    );
+    assert_eq!(fs::read(&existing).unwrap(), b"keep me");
+    fs::remove_file(&existing).unwrap();
+    bench.refused(&["snapshot-revert", "cli", "nosuch"], "nosuch");
+    bench.refused(&["snapshot-delete", "cli", "nosuch"], "nosuch");
+    bench.refused(&["snapshot-info", "cli", "nosuch"], "nosuch");
+    assert_eq!(bench.ok(&["snapshot-list", "cli", "--name"]).trim(), "");
+    assert_eq!(
+        bench.files(),
+        files_before,
+        "a refused command left files behind"
+    );
+    assert!(qemu_img(&["snapshot", "-U", "-l", vda.to_str().unwrap()])
+        .trim()
+        .is_empty());
+    assert!(bench.ok(&["list"]).contains("running"));
+    assert_eq!(guest.ram_value().unwrap(), "first");
+
+    // An internal snapshot of the qcow2 disk only.
+    assert_eq!(
+        bench.ok(&[
+            "snapshot-create-as",
+            "cli",
+            "s1",
+            "first one",
+            "--diskspec",
+            "vdb,snapshot=no"
+        ]),
+        "Domain snapshot s1 created\n"
+    );
+    bench.refused(
+        &["snapshot-create-as", "cli", "s1", "--external"],
+        "already has a snapshot named 's1'",
+    );
+
+    // An external snapshot of both disks with memory, with --json.
+    guest.set_ram_value("second").unwrap();
+    let memory = bench.path("e1.mem");
+    let memspec = format!("file={},snapshot=external", memory.display());
+    let vdb_overlay = bench.path("vdb.e1.qcow2");
+    let diskspec_b = format!("vdb,snapshot=external,file={}", vdb_overlay.display());
+    let json: serde_json::Value = serde_json::from_str(&bench.ok(&[
+        "snapshot-create-as",
+        "cli",
+        "e1",
+        "--memspec",
+        &memspec,
+        "--diskspec",
+        &diskspec,
+        "--diskspec",
+        &diskspec_b,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(json["name"], "e1");
+    assert_eq!(json["kind"], "external");
+    assert!(json["pause_ms"].as_f64().unwrap() >= 0.0, "{json}");
+    use std::os::unix::fs::PermissionsExt;
+    for file in [&memory, &overlay, &vdb_overlay] {
+        let mode = fs::metadata(file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", file.display());
+    }
+    assert_eq!(guest.ram_value().unwrap(), "second");
+
+    // virsh's queries.
+    assert_eq!(bench.ok(&["snapshot-current", "cli", "--name"]), "e1\n");
+    assert_eq!(bench.ok(&["snapshot-parent", "cli", "e1"]), "s1\n");
+    assert_eq!(
+        bench.ok(&["snapshot-list", "cli", "--tree"]).trim_end(),
+        "s1\n  |\n  +- e1"
+    );
+    let info = bench.ok(&["snapshot-info", "cli", "e1"]);
+    assert!(info.contains("Location:       external"), "{info}");
+    assert!(info.contains("State:          running"), "{info}");
+    let xml = bench.ok(&["snapshot-dumpxml", "cli", "e1"]);
+    assert!(xml.starts_with("<domainsnapshot>"), "{xml}");
+    assert!(xml.contains(&memory.display().to_string()), "{xml}");
+    let table = bench.ok(&["snapshot-list", "cli"]);
+    assert!(
+        table.starts_with(" Name   Creation Time               State"),
+        "{table}"
+    );
+
+    // Reverts, both ways, restore memory.
+    guest.set_ram_value("third").unwrap();
+    drop(guest);
+    assert_eq!(
+        bench.ok(&["snapshot-revert", "cli", "s1"]),
+        "Domain snapshot s1 reverted\n\n"
+    );
+    let mut guest = Guest::connect(&ctl, Duration::from_secs(60)).unwrap();
+    assert_eq!(guest.ram_value().unwrap(), "first");
+    drop(guest);
+    bench.ok(&["snapshot-revert", "cli", "e1", "--paused"]);
+    assert!(bench.ok(&["list"]).contains("paused"));
+    bench.ok(&["resume", "cli"]);
+    let mut guest = Guest::connect(&ctl, Duration::from_secs(60)).unwrap();
+    assert_eq!(guest.ram_value().unwrap(), "second");
+
+    // A memory image that disappeared: refused, the VM keeps running.
+    fs::rename(&memory, bench.path("moved.mem")).unwrap();
+    bench.refused(&["snapshot-revert", "cli", "e1"], "missing");
+    assert_eq!(guest.ram_value().unwrap(), "second");
+    fs::rename(bench.path("moved.mem"), &memory).unwrap();
+
+    // Deleting everything removes the memory image and the snapshots in images.
+    assert_eq!(
+        bench.ok(&["snapshot-delete", "cli", "s1", "--children"]),
+        "Domain snapshot s1 deleted\n\n"
+    );
+    assert_eq!(bench.ok(&["snapshot-list", "cli", "--name"]).trim(), "");
+    assert!(!memory.exists(), "memory image left behind");
+    assert!(qemu_img(&["snapshot", "-U", "-l", vda.to_str().unwrap()])
+        .trim()
+        .is_empty());
+    assert_eq!(guest.ram_value().unwrap(), "second");
+}
