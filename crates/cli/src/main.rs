@@ -75,5 +75,37 @@ fn one_line(err: &anyhow::Error) -> String {
             parts.push(text);
         }
     }
-    parts.join(": ").replace('\n', " ")
+    terminal_safe(&parts.join(": "))
+}
+
+/// Line breaks become spaces and other control characters visible escapes
+/// (`\x1b`), so a hostile name quoted in an error can neither break the
+/// one-line rule nor drive the user's terminal.
+fn terminal_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\r' => out.push(' '),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_print_on_one_terminal_safe_line() {
+        let err = anyhow::anyhow!("bad name 'a\tb\u{1b}[31mc\u{7f}'\nsecond line");
+        let err = err.context("snapshot-create-as failed");
+        let line = one_line(&err);
+        assert_eq!(
+            line,
+            "snapshot-create-as failed: bad name 'a\\x09b\\x1b[31mc\\x7f' second line"
+        );
+        assert!(!line.chars().any(char::is_control));
+    }
 }
