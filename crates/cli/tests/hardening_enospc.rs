@@ -1,0 +1,176 @@
+//! Disk full (DESIGN §5.5, issue 5 item 4): an external snapshot whose
+//! memory image or overlay lands on a full filesystem fails cleanly: a
+//! non-zero exit with a one-line reason, the VM running as before (its
+//! counter advances, its RAM value intact), nothing recorded, the partial
+//! file removed, every image passing `qemu-img check`, and the domain's
+//! disk still on its previous active image.
+
+#[path = "common/hardening.rs"]
+mod hardening;
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use hardening::{qemu_img_check, refusal, DiskDef, Lab, Tmpfs, Violations};
+use vmsnap_testguest::Guest;
+
+/// Checks every promise of a failed snapshot attempt, recording what broke.
+fn check_failed_cleanly(
+    lab: &Lab,
+    guest: &mut Guest,
+    args: &[&str],
+    partial_files: &[&Path],
+    before_sources: &std::collections::BTreeMap<String, String>,
+    ram: &str,
+    v: &mut Violations,
+) {
+    let out = lab.run(args);
+    if out.status.success() {
+        v.record(format!("vmsnap {args:?} succeeded on a full filesystem"));
+    } else {
+        let line = std::panic::catch_unwind(|| refusal(args, &out));
+        match line {
+            Ok(line) => v.check(
+                line.to_lowercase().contains("no space"),
+                format!("{args:?}: the reason does not say the disk is full: {line}"),
+            ),
+            Err(_) => v.record(format!(
+                "vmsnap {args:?}: not a one-line error: {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+        }
+    }
+    v.check(
+        lab.snapshot_names("full").is_empty(),
+        format!(
+            "{args:?}: a snapshot was recorded: {:?}",
+            lab.snapshot_names("full")
+        ),
+    );
+    for file in partial_files {
+        v.check(
+            !file.exists(),
+            format!("{args:?}: partial file {} left behind", file.display()),
+        );
+    }
+    let state = lab.domain_state("full");
+    v.check(
+        state == "running",
+        format!("{args:?}: domain is {state:?}, not running"),
+    );
+    let sources = lab.disk_sources("full");
+    v.check(
+        &sources == before_sources,
+        format!("{args:?}: disks moved from {before_sources:?} to {sources:?}"),
+    );
+    // The guest goes on: its counter advances and its RAM value is intact.
+    guest.set_call_timeout(Duration::from_secs(10));
+    match guest.counter() {
+        Ok(first) => {
+            std::thread::sleep(Duration::from_millis(300));
+            match guest.counter() {
+                Ok(second) => v.check(
+                    second > first,
+                    format!("{args:?}: guest counter stuck at {first}"),
+                ),
+                Err(e) => v.record(format!("{args:?}: guest stopped answering: {e}")),
+            }
+        }
+        Err(e) => v.record(format!("{args:?}: guest does not answer: {e}")),
+    }
+    match guest.ram_value() {
+        Ok(value) => v.check(
+            value == ram,
+            format!("{args:?}: RAM value is {value:?}, not {ram:?}"),
+        ),
+        Err(e) => v.record(format!("{args:?}: cannot read guest RAM value: {e}")),
+    }
+    for image in [lab.path("vda.qcow2")]
+        .into_iter()
+        .chain(sources.values().map(Into::into))
+    {
+        if let Err(e) = qemu_img_check(&image) {
+            v.record(format!("{args:?}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn snapshot_onto_a_full_filesystem_fails_cleanly() {
+    let lab = Lab::new("enospc");
+    lab.qemu_img_create(&["-f", "qcow2", "vda.qcow2", "64M"]);
+    lab.define(
+        "full",
+        &[DiskDef {
+            target: "vda",
+            file: "vda.qcow2",
+            format: "qcow2",
+        }],
+    );
+    let mut guest = lab.start_guest("full");
+    guest.write_pattern("vda", 0, 1 << 20, 7).unwrap();
+    guest.set_ram_value("before-enospc").unwrap();
+    let sources = lab.disk_sources("full");
+    let mut v = Violations::default();
+
+    // 1. The overlay cannot be created: the filesystem is already full.
+    let full = Tmpfs::mount(lab.path("full-fs"), "1m");
+    let filler = full.path().join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k", "status=none"])
+        .arg(format!("of={}", filler.display()))
+        .status();
+    let overlay = full.path().join("ov.qcow2");
+    check_failed_cleanly(
+        &lab,
+        &mut guest,
+        &[
+            "snapshot-create-as",
+            "full",
+            "ovfull",
+            "--disk-only",
+            "--diskspec",
+            &format!("vda,snapshot=external,file={}", overlay.display()),
+        ],
+        &[&overlay],
+        &sources,
+        "before-enospc",
+        &mut v,
+    );
+    drop(full);
+
+    // 2. The memory image outgrows a 16 MiB tmpfs (the guest has 128 MiB).
+    let small = Tmpfs::mount(lab.path("small-fs"), "16m");
+    let memory = small.path().join("full.mem");
+    let ok_overlay = lab.path("ov-mem.qcow2");
+    check_failed_cleanly(
+        &lab,
+        &mut guest,
+        &[
+            "snapshot-create-as",
+            "full",
+            "memfull",
+            "--memspec",
+            &format!("file={},snapshot=external", memory.display()),
+            "--diskspec",
+            &format!("vda,snapshot=external,file={}", ok_overlay.display()),
+        ],
+        &[&memory, &ok_overlay],
+        &sources,
+        "before-enospc",
+        &mut v,
+    );
+    let free_listing: Vec<_> = fs::read_dir(small.path())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    v.check(
+        free_listing.is_empty(),
+        format!("the tmpfs still holds {free_listing:?}"),
+    );
+    v.assert_none("ENOSPC");
+
+    // Still usable afterwards: a snapshot with room succeeds.
+    lab.ok(&["snapshot-create-as", "full", "roomy", "--external"]);
+    assert_eq!(lab.snapshot_names("full"), ["roomy"]);
+}
