@@ -7,7 +7,7 @@
 
 use vmsnap_qcow2_format::{
     self as fmt, get_refcount, set_refcount, L2Entry, AUTOCLEAR_BITMAPS, EXT_BITMAPS,
-    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
 
 use crate::error::{Error, Result};
@@ -66,7 +66,7 @@ impl CheckReport {
 
 /// Reference counts computed by walking the metadata.
 struct Computed {
-    counts: Vec<u64>,
+    counts: Vec<u32>,
     cluster_bits: u32,
 }
 
@@ -95,7 +95,11 @@ impl Computed {
     }
 
     fn get(&self, c: u64) -> u64 {
-        self.counts.get(c as usize).copied().unwrap_or(0)
+        self.counts
+            .get(c as usize)
+            .copied()
+            .map(u64::from)
+            .unwrap_or(0)
     }
 }
 
@@ -139,7 +143,7 @@ impl Qcow2Image {
         let cs = self.cluster_size();
         let nb_clusters = self.file_len.div_ceil(cs);
         let mut computed = Computed {
-            counts: vec![0u64; nb_clusters as usize],
+            counts: vec![0u32; nb_clusters as usize],
             cluster_bits: self.header.cluster_bits,
         };
         report.total_clusters = self.size().div_ceil(cs);
@@ -248,12 +252,13 @@ impl Qcow2Image {
         let fix_errors = repair == Some(RepairMode::All);
         let per = self.refblock_entries();
         let order = self.header.refcount_order;
+        let shift = per.trailing_zeros();
         let disk_refcount = |img: &Qcow2Image, c: u64| -> u64 {
-            let b = (c / per) as usize;
+            let b = (c >> shift) as usize;
             if b < valid_block.len() && valid_block[b] {
                 img.rc.blocks[b]
                     .as_ref()
-                    .map(|blk| get_refcount(&blk.data, order, (c % per) as usize))
+                    .map(|blk| get_refcount(&blk.data, order, (c & (per - 1)) as usize))
                     .unwrap_or(0)
             } else {
                 0
@@ -346,7 +351,9 @@ impl Qcow2Image {
         report: &mut CheckReport,
     ) -> Result<()> {
         let cs = self.cluster_size();
-        let mut next_contiguous: Option<u64> = None;
+        let (cluster_bits, version) = (self.header.cluster_bits, self.header.version);
+        let mut buf = vec![0u8; cs as usize];
+        let mut scratch: Vec<u64> = Vec::with_capacity((cs / 8) as usize);
         for (i, &e) in l1.iter().enumerate() {
             let l2_off = e & OFFSET_MASK;
             if l2_off == 0 {
@@ -367,11 +374,40 @@ impl Qcow2Image {
                 continue;
             }
             computed.inc(report, l2_off, cs, "L2 table");
-            self.load_l2(l2_off)?;
-            let entries = self.l2[&l2_off].entries.clone();
-            for raw in entries {
+            // Contiguity is judged within one L2 table, as qemu-img does.
+            let mut next_contiguous: Option<u64> = None;
+            // Cached tables may hold unwritten changes; anything else is read into a scratch buffer.
+            if !self.l2.contains_key(&l2_off) {
+                self.pread(l2_off, &mut buf, "L2 table")?;
+                scratch.clear();
+                scratch.extend(
+                    buf.chunks_exact(8).map(|c| {
+                        u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+                    }),
+                );
+            }
+            let entries: &[u64] = match self.l2.get(&l2_off) {
+                Some(t) => &t.entries,
+                None => &scratch,
+            };
+            for &raw in entries {
                 if raw == 0 {
                     continue;
+                }
+                // Fast path: a plain allocated cluster.
+                if raw & (OFLAG_COMPRESSED | OFLAG_ZERO) == 0 {
+                    let host = raw & OFFSET_MASK;
+                    if host != 0 && host & (cs - 1) == 0 {
+                        if active {
+                            report.allocated_clusters += 1;
+                            if next_contiguous.is_some_and(|n| n != host) {
+                                report.fragmented_clusters += 1;
+                            }
+                            next_contiguous = Some(host + cs);
+                        }
+                        computed.inc(report, host, cs, "data cluster");
+                        continue;
+                    }
                 }
                 if raw & OFLAG_COMPRESSED != 0 && raw & OFLAG_COPIED != 0 {
                     report.messages.push(format!(
@@ -380,7 +416,7 @@ impl Qcow2Image {
                     ));
                     report.corruptions += 1;
                 }
-                let entry = match self.decode_entry(raw) {
+                let entry = match fmt::decode_l2_entry(raw, cluster_bits, version) {
                     Ok(x) => x,
                     Err(_) => {
                         report.messages.push(format!(
@@ -546,7 +582,7 @@ impl Qcow2Image {
         for (c, &n) in computed.counts.iter().enumerate() {
             let b = c as u64 / per;
             let blk = &mut area[(b * cs) as usize..((b + 1) * cs) as usize];
-            set_refcount(blk, order, (c as u64 % per) as usize, n.min(max))
+            set_refcount(blk, order, (c as u64 % per) as usize, u64::from(n).min(max))
                 .map_err(|e| Error::format(&self.path, e))?;
         }
         let mut table: Vec<u64> = (0..blocks).map(|b| (end + b) * cs).collect();

@@ -1288,6 +1288,31 @@ impl Qcow2Image {
 
     // ---- guest writes ----------------------------------------------------
 
+    /// Before the first change of guest data: refuses images with persistent dirty bitmaps
+    /// (this engine does not update them, and silently invalidating them would break
+    /// incremental backups), and clears unknown autoclear feature bits as the spec requires.
+    ///
+    /// The header change is synced first, so nothing claims to track data it missed.
+    pub(crate) fn before_guest_change(&mut self) -> Result<()> {
+        let has_bitmaps = self.header.autoclear_features & fmt::AUTOCLEAR_BITMAPS != 0
+            && self
+                .header
+                .extension(fmt::EXT_BITMAPS)
+                .is_some_and(|d| d.len() >= 4 && d[..4] != [0, 0, 0, 0]);
+        if has_bitmaps {
+            return Err(Error::unsupported(
+                &self.path,
+                "image has persistent dirty bitmaps, which this engine does not update; remove them (qemu-img bitmap --remove) before changing guest data",
+            ));
+        }
+        if self.header.autoclear_features != 0 {
+            self.header.autoclear_features = 0;
+            self.write_header_fields()?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
     /// Writes guest bytes, allocating clusters and copying shared ones first.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         if !self.writable {
@@ -1296,6 +1321,7 @@ impl Qcow2Image {
             });
         }
         check_range(&self.path, offset, data.len(), self.size())?;
+        self.before_guest_change()?;
         if self.backing_name.is_some() && self.backing.is_none() {
             return Err(Error::unsupported(
                 &self.path,

@@ -272,6 +272,7 @@ impl Qcow2Image {
     /// The L1 table is cleared on disk first, then the references it held are released.
     pub(crate) fn make_empty(&mut self) -> Result<()> {
         self.flush()?;
+        self.before_guest_change()?;
         let zeros = vec![0u64; self.l1.len()];
         let old_l1 = std::mem::replace(&mut self.l1, zeros);
         self.l1_dirty = true;

@@ -189,6 +189,7 @@ impl Qcow2Image {
         let sn = self.snapshots[index].clone();
         let sn_l1 = self.read_snapshot_l1(&sn)?;
         let disk_size = sn.disk_size.unwrap_or(self.size());
+        self.before_guest_change()?;
         let result = (|| -> Result<()> {
             // 1. The active L1 table must hold the whole snapshot table (and its disk size).
             let need = u64::from(sn.l1_size).max(self.header.l1_entries_for(disk_size));
