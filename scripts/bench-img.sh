@@ -42,9 +42,24 @@ fresh_copy() {
     cat "$WORK/run.qcow2" >/dev/null
 }
 
-# time_once SRC CMD...: seconds taken by CMD on a fresh copy of SRC (placeholder IMG).
+# verify_result KIND: after a timed run, proves the command did its job on run.qcow2
+# (outside the timing): the image checks clean and the snapshot table is as expected.
+verify_result() {
+    local img="$WORK/run.qcow2" list
+    qemu-img check -q "$img" || { echo "VERIFY FAILED: qemu-img check after $1" >&2; return 1; }
+    list=$(qemu-img snapshot -l "$img")
+    case "$1" in
+        create) grep -qw s2 <<<"$list" ;;
+        apply) [[ "$(qemu-io -f qcow2 -r -c 'read -P 1 0 64M' "$img")" != *"verification failed"* ]] ;;
+        delete) ! grep -qw s1 <<<"$list" ;;
+        check) true ;;
+    esac || { echo "VERIFY FAILED: $1 did not take effect" >&2; return 1; }
+}
+
+# time_once KIND SRC CMD...: seconds taken by CMD on a fresh copy of SRC (placeholder
+# IMG), verified afterwards.
 time_once() {
-    local src="$1"; shift
+    local kind="$1" src="$2"; shift 2
     fresh_copy "$src"
     local args=()
     for a in "$@"; do args+=("${a//IMG/$WORK/run.qcow2}"); done
@@ -61,10 +76,11 @@ time_once() {
         echo "nan"
         return
     fi
+    verify_result "$kind" >&2 || { echo "nan"; return; }
     echo "$end - $start" | bc -l
 }
 
-# median SRC CMD...: median of $RUNS runs.
+# median KIND SRC CMD...: median of $RUNS runs.
 median() {
     local times=()
     for _ in $(seq "$RUNS"); do times+=("$(time_once "$@")"); done
@@ -73,19 +89,19 @@ median() {
 
 printf '%-22s %12s %12s %8s\n' "operation" "qemu-img s" "vmsnap s" "ratio"
 row() {
-    local name="$1" src="$2" qemu_cmd="$3" ours_cmd="$4"
+    local name="$1" kind="$2" src="$3" qemu_cmd="$4" ours_cmd="$5"
     local q o ratio
     # shellcheck disable=SC2086
-    q=$(median "$src" $qemu_cmd)
+    q=$(median "$kind" "$src" $qemu_cmd)
     # shellcheck disable=SC2086
-    o=$(median "$src" $ours_cmd)
+    o=$(median "$kind" "$src" $ours_cmd)
     if [[ "$q" == nan || "$o" == nan ]]; then ratio=nan; else ratio=$(echo "$o / $q" | bc -l); fi
     printf '%-22s %12.3f %12.3f %8.2f\n' "$name" "$q" "$o" "$ratio" 2>/dev/null \
         || printf '%-22s %12s %12s %8s\n' "$name" "$q" "$o" "$ratio"
 }
 
-row "snapshot -c"  "$MASTER"      "qemu-img snapshot -c s2 IMG" "$VMSNAP img snapshot -c s2 IMG"
-row "snapshot -a"  "$MASTER_SNAP" "qemu-img snapshot -a s1 IMG" "$VMSNAP img snapshot -a s1 IMG"
-row "snapshot -d"  "$MASTER_SNAP" "qemu-img snapshot -d s1 IMG" "$VMSNAP img snapshot -d s1 IMG"
-row "check"        "$MASTER_SNAP" "qemu-img check IMG"          "$VMSNAP img check IMG"
+row "snapshot -c" create "$MASTER"      "qemu-img snapshot -c s2 IMG" "$VMSNAP img snapshot -c s2 IMG"
+row "snapshot -a" apply  "$MASTER_SNAP" "qemu-img snapshot -a s1 IMG" "$VMSNAP img snapshot -a s1 IMG"
+row "snapshot -d" delete "$MASTER_SNAP" "qemu-img snapshot -d s1 IMG" "$VMSNAP img snapshot -d s1 IMG"
+row "check"       check  "$MASTER_SNAP" "qemu-img check IMG"          "$VMSNAP img check IMG"
 echo "images in $WORK (master images are kept for reruns; delete the directory when done)" >&2

@@ -3,7 +3,8 @@
 //! the image (`qemu-img check`, `info`, `convert`), over the layouts qcow2 allows.
 //!
 //! Replay a failure with `VMSNAP_TEST_SEED=<seed> cargo test -p vmsnap-qcow2 --test
-//! oracle_model <name>`.
+//! oracle_model <name>` (`VMSNAP_TEST_TRACE=1` prints every operation); soak locally with
+//! other seeds and `VMSNAP_TEST_SCALE=<n>` (n times more steps).
 
 mod common;
 
@@ -109,9 +110,11 @@ fn run(scenario: Scenario) {
         );
     }
 
-    let checkpoints = [scenario.steps / 3, 2 * scenario.steps / 3];
+    // VMSNAP_TEST_SCALE=N runs N times as many steps (for local soak runs, not CI).
+    let steps = scenario.steps * scale();
+    let checkpoints = [steps / 3, 2 * steps / 3];
     let mut names_made = 0usize;
-    for step in 0..scenario.steps {
+    for step in 0..steps {
         log.step = step;
         let by_qemu = scenario.driver == Driver::Interleaved && rng.gen_ratio(1, 3);
         let roll = rng.gen_range(0..100);
@@ -257,6 +260,14 @@ fn run(scenario: Scenario) {
         log.context(""),
         check.count("allocated-clusters")
     );
+}
+
+/// The step multiplier from `VMSNAP_TEST_SCALE` (default 1).
+fn scale() -> usize {
+    std::env::var("VMSNAP_TEST_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// What happened so far, for failure messages that let a human replay the sequence.
