@@ -24,6 +24,7 @@ pub struct L1Entry {
 ///
 /// Reserved bits are ignored (QEMU masks them too) so images with stray bits
 /// stay readable; `check` reports nothing for them either.
+#[inline]
 pub fn decode_l1_entry(raw: u64, cluster_bits: u32) -> Result<L1Entry, FormatError> {
     let l2_offset = raw & OFFSET_MASK;
     if l2_offset & ((1u64 << cluster_bits) - 1) != 0 {
@@ -80,6 +81,7 @@ impl L2Entry {
 /// Splits a compressed descriptor into (host byte offset, number of 512-byte sectors).
 ///
 /// The split point depends on the cluster size (spec: x = 62 - (cluster_bits - 8)).
+#[inline]
 pub fn compressed_descriptor(raw: u64, cluster_bits: u32) -> (u64, u64) {
     let shift = 62 - (cluster_bits - 8);
     let offset = raw & ((1u64 << shift) - 1);
@@ -112,6 +114,7 @@ pub fn encode_compressed(host: u64, len: u64, cluster_bits: u32) -> Result<u64, 
 ///
 /// Refuses what QEMU refuses when reading: unaligned data offsets and zero
 /// flags in version 2 images.
+#[inline]
 pub fn decode_l2_entry(raw: u64, cluster_bits: u32, version: u32) -> Result<L2Entry, FormatError> {
     if raw & OFLAG_COMPRESSED != 0 {
         let (offset, sectors) = compressed_descriptor(raw & !OFLAG_COPIED, cluster_bits);

@@ -65,6 +65,7 @@ pub const COMPRESSION_DEFLATE: u8 = 0;
 pub const COMPRESSION_ZSTD: u8 = 1;
 
 /// Returns the number of refcount entries in one refcount block.
+#[inline]
 pub fn refcount_block_entries(cluster_bits: u32, refcount_order: u32) -> u64 {
     (1u64 << (cluster_bits + 3)) >> refcount_order
 }
@@ -94,14 +95,17 @@ pub fn encode_u64_table(entries: &[u64]) -> Vec<u8> {
     out
 }
 
+#[inline]
 pub(crate) fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
 
+#[inline]
 pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
     u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
+#[inline]
 pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[off..off + 8]);

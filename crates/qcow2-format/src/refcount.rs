@@ -6,6 +6,7 @@
 use crate::FormatError;
 
 /// Largest refcount an entry of width `1 << order` bits can hold.
+#[inline]
 pub fn max_refcount(order: u32) -> u64 {
     if order >= 6 {
         u64::MAX
@@ -15,6 +16,7 @@ pub fn max_refcount(order: u32) -> u64 {
 }
 
 /// Reads entry `index` of a refcount block; returns 0 past the block's end.
+#[inline]
 pub fn get_refcount(block: &[u8], order: u32, index: usize) -> u64 {
     let bits = 1usize << order;
     let bit = index.saturating_mul(bits);
@@ -33,6 +35,7 @@ pub fn get_refcount(block: &[u8], order: u32, index: usize) -> u64 {
 }
 
 /// Writes entry `index` of a refcount block, refusing values the width cannot hold.
+#[inline]
 pub fn set_refcount(
     block: &mut [u8],
     order: u32,

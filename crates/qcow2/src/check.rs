@@ -10,6 +10,8 @@ use vmsnap_qcow2_format::{
     INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
 
+use std::collections::HashMap;
+
 use crate::error::{Error, Result};
 use crate::image::{Qcow2Image, RefBlock};
 
@@ -64,6 +66,12 @@ impl CheckReport {
     }
 }
 
+/// A COPIED-flag repair: L1 index, new L1 entry, (L2 index, new L2 entry) pairs.
+type CopiedFix = (usize, u64, Vec<(usize, u64)>);
+
+/// L2 tables read by a check are kept for reuse up to this many bytes.
+const CHECK_TABLE_CACHE_BYTES: u64 = 256 << 20;
+
 /// Reference counts computed by walking the metadata.
 struct Computed {
     counts: Vec<u32>,
@@ -91,6 +99,15 @@ impl Computed {
                     return;
                 }
             }
+        }
+    }
+
+    /// Adds one reference to the cluster at `offset` (the hot path of the walk).
+    #[inline]
+    fn inc_cluster(&mut self, report: &mut CheckReport, offset: u64, what: &str) {
+        match self.counts.get_mut((offset >> self.cluster_bits) as usize) {
+            Some(n) => *n = n.saturating_add(1),
+            None => self.inc(report, offset, 0, what),
         }
     }
 
@@ -159,7 +176,8 @@ impl Qcow2Image {
                 "active L1 table",
             );
         }
-        self.walk_l1(&active_l1, true, &mut computed, report)?;
+        let mut active_tables: HashMap<u64, Vec<u64>> = HashMap::new();
+        self.walk_l1(&active_l1, true, &mut active_tables, &mut computed, report)?;
 
         for sn in self.snapshots.clone() {
             let bytes = u64::from(sn.l1_size) * 8;
@@ -185,7 +203,7 @@ impl Qcow2Image {
                 }
             };
             computed.inc(report, sn.l1_table_offset, bytes, "snapshot L1 table");
-            self.walk_l1(&l1, false, &mut computed, report)?;
+            self.walk_l1(&l1, false, &mut active_tables, &mut computed, report)?;
         }
         if self.snapshots_size > 0 {
             computed.inc(
@@ -239,29 +257,28 @@ impl Qcow2Image {
             valid_block[i] = true;
         }
         // Load the valid blocks; the invalid ones read as zeros.
-        for (i, ok) in valid_block.iter().enumerate() {
-            if *ok && self.rc.blocks[i].is_none() {
-                let mut data = vec![0u8; cs as usize];
-                let off = self.rc.table[i] & OFFSET_MASK;
-                self.pread(off, &mut data, "refcount block")?;
-                self.rc.blocks[i] = Some(RefBlock { data, dirty: false });
-            }
-        }
+        self.load_refblocks_where(&valid_block)?;
 
         let fix_leaks = repair.is_some();
         let fix_errors = repair == Some(RepairMode::All);
         let per = self.refblock_entries();
         let order = self.header.refcount_order;
         let shift = per.trailing_zeros();
-        let disk_refcount = |img: &Qcow2Image, c: u64| -> u64 {
-            let b = (c >> shift) as usize;
-            if b < valid_block.len() && valid_block[b] {
-                img.rc.blocks[b]
-                    .as_ref()
-                    .map(|blk| get_refcount(&blk.data, order, (c & (per - 1)) as usize))
-                    .unwrap_or(0)
-            } else {
-                0
+        let block_data: Vec<Option<&[u8]>> = valid_block
+            .iter()
+            .enumerate()
+            .map(|(b, ok)| {
+                if *ok {
+                    self.rc.blocks[b].as_ref().map(|blk| blk.data.as_slice())
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let disk_refcount = |c: u64| -> u64 {
+            match block_data.get((c >> shift) as usize) {
+                Some(Some(data)) => get_refcount(data, order, (c & (per - 1)) as usize),
+                _ => 0,
             }
         };
         // Clusters to compare: the whole file, plus any cluster past it that a block counts.
@@ -270,7 +287,7 @@ impl Qcow2Image {
             let first = b as u64 * per;
             if *ok && first + per > nb_clusters {
                 for c in first.max(nb_clusters)..first + per {
-                    if disk_refcount(self, c) != 0 {
+                    if disk_refcount(c) != 0 {
                         beyond.push(c);
                     }
                 }
@@ -279,7 +296,7 @@ impl Qcow2Image {
         let mut highest: Option<u64> = None;
         let mut fixes: Vec<(u64, u64)> = Vec::new();
         for c in (0..nb_clusters).chain(beyond) {
-            let rc1 = disk_refcount(self, c);
+            let rc1 = disk_refcount(c);
             let rc2 = computed.get(c);
             if rc1 > 0 || rc2 > 0 {
                 highest = Some(c);
@@ -317,6 +334,7 @@ impl Qcow2Image {
             }
         }
         report.image_end_offset = highest.map(|h| (h + 1) * cs).unwrap_or(0);
+        drop(block_data);
 
         if rebuild && fix_errors {
             let old_blocks: Vec<u64> = valid_block
@@ -338,7 +356,7 @@ impl Qcow2Image {
             self.write_refblocks()?;
             self.sync()?;
         }
-        self.check_copied_flags(fix_errors, report)?;
+        self.check_copied_flags(fix_errors, &mut active_tables, report)?;
         Ok(())
     }
 
@@ -347,6 +365,7 @@ impl Qcow2Image {
         &mut self,
         l1: &[u64],
         active: bool,
+        seen: &mut HashMap<u64, Vec<u64>>,
         computed: &mut Computed,
         report: &mut CheckReport,
     ) -> Result<()> {
@@ -376,8 +395,9 @@ impl Qcow2Image {
             computed.inc(report, l2_off, cs, "L2 table");
             // Contiguity is judged within one L2 table, as qemu-img does.
             let mut next_contiguous: Option<u64> = None;
-            // Cached tables may hold unwritten changes; anything else is read into a scratch buffer.
-            if !self.l2.contains_key(&l2_off) {
+            // Cached tables may hold unwritten changes; others are read once and kept for
+            // reuse by the other L1 tables that share them (up to a memory bound).
+            if !self.l2.contains_key(&l2_off) && !seen.contains_key(&l2_off) {
                 self.pread(l2_off, &mut buf, "L2 table")?;
                 scratch.clear();
                 scratch.extend(
@@ -385,10 +405,13 @@ impl Qcow2Image {
                         u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
                     }),
                 );
+                if active || (seen.len() as u64 + 1) * cs <= CHECK_TABLE_CACHE_BYTES {
+                    seen.insert(l2_off, std::mem::take(&mut scratch));
+                }
             }
             let entries: &[u64] = match self.l2.get(&l2_off) {
                 Some(t) => &t.entries,
-                None => &scratch,
+                None => seen.get(&l2_off).map_or(&scratch[..], |t| &t[..]),
             };
             for &raw in entries {
                 if raw == 0 {
@@ -405,7 +428,7 @@ impl Qcow2Image {
                             }
                             next_contiguous = Some(host + cs);
                         }
-                        computed.inc(report, host, cs, "data cluster");
+                        computed.inc_cluster(report, host, "data cluster");
                         continue;
                     }
                 }
@@ -611,45 +634,80 @@ impl Qcow2Image {
     }
 
     /// Checks (and with `fix`, repairs) COPIED flags of the active tables against refcounts.
-    fn check_copied_flags(&mut self, fix: bool, report: &mut CheckReport) -> Result<()> {
+    fn check_copied_flags(
+        &mut self,
+        fix: bool,
+        tables: &mut HashMap<u64, Vec<u64>>,
+        report: &mut CheckReport,
+    ) -> Result<()> {
         let cs = self.cluster_size();
-        let mut changed = false;
+        // Refcounts as they are on disk now (after any repair), from every readable block.
+        let valid: Vec<bool> = self
+            .rc
+            .table
+            .iter()
+            .map(|&e| {
+                let off = e & OFFSET_MASK;
+                off != 0 && off % cs == 0 && off + cs <= self.file_len
+            })
+            .collect();
+        self.load_refblocks_where(&valid)?;
+        let per = self.refblock_entries();
+        let shift = per.trailing_zeros();
+        let order = self.header.refcount_order;
+        let disk_refcount = |img: &Qcow2Image, c: u64| -> u64 {
+            let b = (c >> shift) as usize;
+            match img.rc.blocks.get(b) {
+                Some(Some(blk)) if valid[b] => {
+                    get_refcount(&blk.data, order, (c & (per - 1)) as usize)
+                }
+                _ => 0,
+            }
+        };
+        let mut fixes: Vec<CopiedFix> = Vec::new();
         for i in 0..self.l1.len() {
             let e = self.l1[i];
             let l2_off = e & OFFSET_MASK;
             if l2_off == 0 || l2_off % cs != 0 || l2_off + cs > self.file_len {
                 continue;
             }
-            let rc = self.refcount(l2_off / cs).unwrap_or(0);
+            let rc = disk_refcount(self, l2_off / cs);
+            let mut new_l1 = None;
             if (rc == 1) != (e & OFLAG_COPIED != 0) {
                 report.messages.push(format!(
                     "{} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}",
                     if fix { "Repairing" } else { "ERROR" }
                 ));
                 if fix {
-                    self.l1[i] = if rc == 1 {
+                    new_l1 = Some(if rc == 1 {
                         l2_off | OFLAG_COPIED
                     } else {
                         l2_off
-                    };
-                    self.l1_dirty = true;
+                    });
                     report.corruptions_fixed += 1;
-                    changed = true;
                 } else {
                     report.corruptions += 1;
                 }
             }
-            self.load_l2(l2_off)?;
-            let entries = self.l2[&l2_off].entries.clone();
+            if !self.l2.contains_key(&l2_off) && !tables.contains_key(&l2_off) {
+                let mut buf = vec![0u8; cs as usize];
+                self.pread(l2_off, &mut buf, "L2 table")?;
+                tables.insert(l2_off, fmt::decode_u64_table(&buf));
+            }
+            let entries: &[u64] = match self.l2.get(&l2_off) {
+                Some(t) => &t.entries,
+                None => &tables[&l2_off],
+            };
+            let mut entry_fixes = Vec::new();
             for (j, &raw) in entries.iter().enumerate() {
-                let host = match self.decode_entry(raw) {
-                    Ok(L2Entry::Normal { host, .. })
-                    | Ok(L2Entry::Zero {
-                        host: Some(host), ..
-                    }) => host,
-                    _ => continue,
-                };
-                let rc = self.refcount(host / cs).unwrap_or(0);
+                if raw & OFLAG_COMPRESSED != 0 {
+                    continue;
+                }
+                let host = raw & OFFSET_MASK;
+                if host == 0 || host % cs != 0 {
+                    continue;
+                }
+                let rc = disk_refcount(self, host / cs);
                 if (rc == 1) != (raw & OFLAG_COPIED != 0) {
                     report.messages.push(format!(
                         "{} OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}",
@@ -661,18 +719,63 @@ impl Qcow2Image {
                         } else {
                             raw & !OFLAG_COPIED
                         };
-                        self.set_l2_entry(l2_off, j, new);
+                        entry_fixes.push((j, new));
                         report.corruptions_fixed += 1;
-                        changed = true;
                     } else {
                         report.corruptions += 1;
                     }
                 }
             }
+            if new_l1.is_some() || !entry_fixes.is_empty() {
+                fixes.push((i, new_l1.unwrap_or(e), entry_fixes));
+            }
         }
-        if changed {
-            self.write_tables()?;
-            self.sync()?;
+        if fixes.is_empty() {
+            return Ok(());
+        }
+        for (i, l1_entry, entry_fixes) in fixes {
+            let l2_off = l1_entry & OFFSET_MASK;
+            if self.l1[i] != l1_entry {
+                self.l1[i] = l1_entry;
+                self.l1_dirty = true;
+            }
+            if !entry_fixes.is_empty() {
+                self.load_l2(l2_off)?;
+                for (j, value) in entry_fixes {
+                    self.set_l2_entry(l2_off, j, value);
+                }
+            }
+        }
+        self.write_tables()?;
+        self.sync()
+    }
+
+    /// Loads (coalescing reads) the refcount blocks whose `wanted` flag is set.
+    fn load_refblocks_where(&mut self, wanted: &[bool]) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut want: Vec<(u64, usize)> = wanted
+            .iter()
+            .enumerate()
+            .filter(|(i, ok)| **ok && self.rc.blocks[*i].is_none())
+            .map(|(i, _)| (self.rc.table[i] & OFFSET_MASK, i))
+            .collect();
+        want.sort_unstable();
+        let mut k = 0;
+        while k < want.len() {
+            let start = want[k].0;
+            let mut j = k + 1;
+            while j < want.len() && want[j].0 == want[j - 1].0 + cs && j - k < 4096 {
+                j += 1;
+            }
+            let mut buf = vec![0u8; (j - k) * cs as usize];
+            self.pread(start, &mut buf, "refcount block")?;
+            for (n, chunk) in buf.chunks_exact(cs as usize).enumerate() {
+                self.rc.blocks[want[k + n].1] = Some(RefBlock {
+                    data: chunk.to_vec(),
+                    dirty: false,
+                });
+            }
+            k = j;
         }
         Ok(())
     }
