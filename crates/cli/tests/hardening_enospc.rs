@@ -174,3 +174,78 @@ fn snapshot_onto_a_full_filesystem_fails_cleanly() {
     lab.ok(&["snapshot-create-as", "full", "roomy", "--external"]);
     assert_eq!(lab.snapshot_names("full"), ["roomy"]);
 }
+
+/// Every internal snapshot tag in `image`, as qemu-img lists them.
+fn image_tags(image: &Path) -> Vec<String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-U", "-l"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let mut tags: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1).map(String::from))
+        .collect();
+    tags.sort();
+    tags
+}
+
+#[test]
+fn full_state_directory_fails_cleanly_and_still_lists() {
+    let lab = Lab::new("enospc-state");
+    // The state directory itself lives on a small filesystem.
+    let state_fs = Tmpfs::mount(lab.state(), "4m");
+    lab.qemu_img_create(&["-f", "qcow2", "vda.qcow2", "64M"]);
+    lab.define(
+        "meta",
+        &[DiskDef {
+            target: "vda",
+            file: "vda.qcow2",
+            format: "qcow2",
+        }],
+    );
+    lab.ok(&["snapshot-create-as", "meta", "a"]);
+    let filler = state_fs.path().join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "status=none"])
+        .arg(format!("of={}", filler.display()))
+        .status();
+    let image = lab.path("vda.qcow2");
+    let mut v = Violations::default();
+
+    let args = ["snapshot-create-as", "meta", "b"];
+    let out = lab.run(&args);
+    match std::panic::catch_unwind(|| refusal(&args, &out)) {
+        Ok(line) => v.check(
+            line.to_lowercase().contains("space"),
+            format!("the reason does not say the disk is full: {line}"),
+        ),
+        Err(_) => v.record(format!(
+            "snapshot-create-as on a full state dir: exit {:?}, stderr {:?}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+    v.check(
+        image_tags(&image) == ["a"],
+        format!("the image holds tags {:?}, not just a", image_tags(&image)),
+    );
+    let list = lab.run(&["snapshot-list", "meta", "--name"]);
+    v.check(
+        list.status.success() && String::from_utf8_lossy(&list.stdout).trim() == "a",
+        format!(
+            "read-only snapshot-list must work on a full disk: exit {:?}, {:?}",
+            list.status.code(),
+            String::from_utf8_lossy(&list.stderr)
+        ),
+    );
+
+    // Room again: everything works and metadata and image agree.
+    fs::remove_file(&filler).unwrap();
+    lab.ok(&["snapshot-create-as", "meta", "c"]);
+    assert_eq!(lab.snapshot_names("meta"), ["a", "c"]);
+    assert_eq!(image_tags(&image), ["a", "c"]);
+    qemu_img_check(&image).unwrap();
+    v.assert_none("full state directory");
+}
