@@ -499,3 +499,82 @@ fn state_directory_and_its_files_are_private_whatever_the_umask() {
         problems.join("\n")
     );
 }
+
+#[test]
+fn redefined_snapshot_metadata_never_makes_vmsnap_delete_files_it_did_not_create() {
+    let lab = Lab::new("hostile-redefine");
+    lab.qemu_img_create(&["-f", "qcow2", "vda.qcow2", "64M"]);
+    lab.qemu_img_create(&["-f", "qcow2", "victim.qcow2", "64M"]);
+    fs::write(lab.path("victim.mem"), b"precious\n").unwrap();
+    lab.define(
+        "redef",
+        &[DiskDef {
+            target: "vda",
+            file: "vda.qcow2",
+            format: "qcow2",
+        }],
+    );
+    // Imported metadata naming files vmsnap never made: a user's file as
+    // the memory image, another image and the domain's own live disk as
+    // the snapshot's disks.
+    let cases = [
+        ("evil1", "victim.mem", "victim.qcow2"),
+        ("evil2", "vda.qcow2", "vda.qcow2"),
+    ];
+    let sums = |lab: &Lab| -> Vec<String> {
+        ["victim.mem", "victim.qcow2", "vda.qcow2"]
+            .iter()
+            .map(|f| {
+                fs::read(lab.path(f))
+                    .map(|d| vmsnap_testguest::sha256_hex(&d))
+                    .unwrap_or_else(|_| format!("{f} missing"))
+            })
+            .collect()
+    };
+    let before = sums(&lab);
+    for (name, memory, disk) in cases {
+        let xml = lab.path(&format!("{name}.xml"));
+        fs::write(
+            &xml,
+            format!(
+                "<domainsnapshot>\n  <name>{name}</name>\n  <state>running</state>\n  \
+                 <creationTime>1700000000</creationTime>\n  \
+                 <memory snapshot='external' file='{}'/>\n  <disks>\n    \
+                 <disk name='vda' snapshot='external' type='file'>\n      \
+                 <driver type='qcow2'/>\n      <source file='{}'/>\n    </disk>\n  \
+                 </disks>\n</domainsnapshot>\n",
+                lab.path(memory).display(),
+                lab.path(disk).display()
+            ),
+        )
+        .unwrap();
+        let out = lab.run(&[
+            "snapshot-create",
+            "redef",
+            xml.to_str().unwrap(),
+            "--redefine",
+        ]);
+        if !out.status.success() {
+            // Refusing such metadata is fine too.
+            hardening::refusal(&["snapshot-create", "--redefine"], &out);
+            continue;
+        }
+        let out = lab.run(&["snapshot-delete", "redef", name]);
+        if !out.status.success() {
+            hardening::refusal(&["snapshot-delete", name], &out);
+        }
+        assert_eq!(
+            sums(&lab),
+            before,
+            "deleting imported snapshot {name} touched files vmsnap did not create"
+        );
+    }
+    // The domain still runs from its own disk.
+    assert_eq!(
+        lab.disk_sources("redef")["vda"],
+        fs::canonicalize(lab.path("vda.qcow2"))
+            .unwrap()
+            .display()
+            .to_string()
+    );
+}
