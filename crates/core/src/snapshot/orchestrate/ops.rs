@@ -16,7 +16,7 @@ use super::model::{
 };
 use super::offline;
 use super::plan::{live_content_needed, needed_files, plan_merge, without_layer, Merge};
-use super::runtime::{qmp_error, shell_quote};
+use super::runtime::{qmp_error, shell_quote, FdMonitor};
 use super::spec::{DiskSpec, MemSpec};
 use super::store::{Change, Intent, Operation, SnapshotStore, StoredSnapshot};
 use crate::cmdline::LaunchOptions;
@@ -31,6 +31,9 @@ use crate::snapshot::name::validate_snapshot_name;
 use crate::snapshot::tree::{DeleteScope, SnapshotTree};
 use crate::state::DomainPaths;
 use crate::store::Store;
+
+/// The name under which QEMU holds the memory image's descriptor.
+const MEMORY_FD_NAME: &str = "vmsnap-memory";
 
 /// How long a snapshot-save/-load/-delete job or a memory save may take.
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
@@ -1010,45 +1013,15 @@ impl<'a> Orchestrator<'a> {
             .map_err(qmp_error(&dom.name, "blockdev-add"))?;
         }
         let was_running = running == Some(true);
-        let mut events = qmp.events();
-        // 3. Stop, switch every disk in one transaction.
-        if was_running {
-            intent.step = "stop".into();
-            intent.paused_guest = true;
-            self.snaps.step(id, intent)?;
-            qmp.stop().await.map_err(qmp_error(&dom.name, "stop"))?;
-        }
-        intent.step = "transaction blockdev-snapshot".into();
-        self.snaps.step(id, intent)?;
-        let actions: Vec<Value> = switches
-            .iter()
-            .map(|(top, overlay, _)| json!({"type": "blockdev-snapshot", "data": {"node": top, "overlay": overlay}}))
-            .collect();
-        qmp.execute("transaction", Some(json!({"actions": actions})))
-            .await
-            .map_err(qmp_error(&dom.name, "transaction"))?;
-        // From here QEMU writes to the overlays: record the chains at once,
-        // so no recovery ever mistakes them for leftovers.
-        self.snaps.apply(
-            &dom.name,
-            &Change {
-                chains: new_chains.clone(),
-                ..Change::default()
-            },
-        )?;
-        let mut pause_ms = None;
         let mut background = false;
-        if let Some(file) = memory_file {
-            intent.step = "save memory".into();
-            self.snaps.step(id, intent)?;
+        if memory_file.is_some() {
             if was_running {
-                let refused = qmp
+                match qmp
                     .migrate_set_capabilities(&[("background-snapshot", true)])
                     .await
-                    .err();
-                match refused {
-                    None => background = true,
-                    Some(err) => notes.push(format!(
+                {
+                    Ok(()) => background = true,
+                    Err(err) => notes.push(format!(
                         "QEMU refused background-snapshot ({err}); memory was saved with the guest paused"
                     )),
                 }
@@ -1057,10 +1030,81 @@ impl<'a> Orchestrator<'a> {
                     .migrate_set_capabilities(&[("background-snapshot", false)])
                     .await;
             }
-            let uri = format!("exec:cat > {}", shell_quote(file));
-            qmp.migrate(&uri)
-                .await
-                .map_err(qmp_error(&dom.name, "migrate"))?;
+        }
+        // 3. The paused window is journalled as one step before it starts,
+        // so nothing waits for the store while the guest is stopped: stop,
+        // switch every disk in one transaction, start the memory save (with
+        // background-snapshot QEMU resumes the guest once it is set up).
+        intent.step = if memory_file.is_some() {
+            "stop, switch disks, save memory".into()
+        } else {
+            "stop, switch disks".into()
+        };
+        intent.paused_guest = was_running;
+        self.snaps.step(id, intent)?;
+        // The transaction flushes the old top layers while the guest is
+        // stopped; write back what the host still caches first, so that
+        // flush (and the pause) stays short.
+        for (_, _, file) in &switches {
+            sync_filesystem(file);
+        }
+        let mut events = qmp.events();
+        // The window runs on the second monitor, which can take the memory
+        // image's descriptor: QEMU then needs no shell while the guest waits.
+        let actions: Vec<Value> = switches
+            .iter()
+            .map(|(top, overlay, _)| json!({"type": "blockdev-snapshot", "data": {"node": top, "overlay": overlay}}))
+            .collect();
+        let memory_handle = match memory_file {
+            Some(file) => Some(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(file)
+                    .map_err(io_error("cannot open memory image", file))?,
+            ),
+            None => None,
+        };
+        let mut monitor = FdMonitor::connect(&dom.name, &dom.paths.query_socket)?;
+        if let Some(handle) = &memory_handle {
+            monitor.pass_fd(MEMORY_FD_NAME, handle)?;
+        }
+        if was_running {
+            monitor.execute("stop", Value::Null)?;
+        }
+        let switched = monitor.execute("transaction", json!({"actions": actions}));
+        if let Err(err) = switched {
+            if memory_handle.is_some() {
+                let _ = monitor.execute("closefd", json!({"fdname": MEMORY_FD_NAME}));
+            }
+            return Err(err);
+        }
+        let started = match memory_handle {
+            Some(_) => monitor
+                .execute("migrate", json!({"uri": format!("fd:{MEMORY_FD_NAME}")}))
+                .map(|_| ()),
+            None => Ok(()),
+        };
+        drop(monitor);
+        // QEMU writes to the overlays now: record the chains (a recovery
+        // would adopt them from QEMU, too).
+        self.snaps.apply(
+            &dom.name,
+            &Change {
+                chains: new_chains.clone(),
+                ..Change::default()
+            },
+        )?;
+        if let Err(err) = started {
+            if background {
+                let _ = qmp
+                    .migrate_set_capabilities(&[("background-snapshot", false)])
+                    .await;
+            }
+            return Err(err);
+        }
+        let mut pause_ms = None;
+        if let Some(file) = memory_file {
             let info =
                 wait_migration_with_progress(&dom.name, qmp, "saving memory", progress).await;
             if background {
@@ -1069,6 +1113,8 @@ impl<'a> Orchestrator<'a> {
                     .await;
             }
             let info = info?;
+            // A memory image only counts once it is on disk.
+            sync_file(file)?;
             if background {
                 pause_ms = pause_from_events(&mut events);
                 intent.paused_guest = false;
@@ -1998,6 +2044,30 @@ fn unique_file(dir: &Path, stem: &str, ext: &str, taken: &BTreeSet<PathBuf>) -> 
         n += 1;
     }
     candidate
+}
+
+/// Writes back the host's cached data of the file system holding `path`
+/// (best effort: only a shorter pause depends on it).
+fn sync_filesystem(path: &Path) {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if let Ok(handle) = std::fs::File::open(dir) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: syncfs only reads the descriptor, valid while `handle` lives.
+        unsafe { libc::syncfs(handle.as_raw_fd()) };
+    }
+}
+
+/// Makes a finished file durable (its data and its directory entry).
+fn sync_file(path: &Path) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(io_error("cannot open", path))?;
+    file.sync_all()
+        .map_err(io_error("cannot write to disk", path))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {
