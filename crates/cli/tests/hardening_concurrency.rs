@@ -114,6 +114,25 @@ fn two_snapshot_commands_on_one_domain_never_interleave() {
         let started = Instant::now();
         let b = finish(spawn(&lab, &b_args));
         let b_took = started.elapsed();
+        if flock_held(lock_ino) {
+            // A domain command is refused the same way; a read-only one
+            // answers at once without waiting for A.
+            let suspend = lab.run(&["suspend", "shared"]);
+            if suspend.status.success() {
+                // A had just let go: undo and carry on.
+                lab.ok(&["resume", "shared"]);
+            } else {
+                let line = refusal(&["suspend", "shared"], &suspend);
+                assert!(line.contains("busy"), "suspend during A: {line}");
+            }
+            let listed_at = Instant::now();
+            lab.ok(&["snapshot-list", "shared", "--name"]);
+            assert!(
+                listed_at.elapsed() < Duration::from_secs(3),
+                "snapshot-list waited for the lock holder ({:?})",
+                listed_at.elapsed()
+            );
+        }
         let a_out = finish(a);
         assert!(
             a_out.status.success(),
