@@ -23,6 +23,7 @@ fn check_failed_cleanly(
     partial_files: &[&Path],
     before_sources: &std::collections::BTreeMap<String, String>,
     ram: &str,
+    paused: bool,
     v: &mut Violations,
 ) {
     let out = lab.run(args);
@@ -55,15 +56,26 @@ fn check_failed_cleanly(
         );
     }
     let state = lab.domain_state("full");
+    let expected = if paused { "paused" } else { "running" };
     v.check(
-        state == "running",
-        format!("{args:?}: domain is {state:?}, not running"),
+        state == expected,
+        format!("{args:?}: domain is {state:?}, not {expected}"),
     );
     let sources = lab.disk_sources("full");
     v.check(
         &sources == before_sources,
         format!("{args:?}: disks moved from {before_sources:?} to {sources:?}"),
     );
+    if paused {
+        let resumed = lab.run(&["resume", "full"]);
+        v.check(
+            resumed.status.success(),
+            format!(
+                "{args:?}: resume failed: {}",
+                String::from_utf8_lossy(&resumed.stderr)
+            ),
+        );
+    }
     // The guest goes on: its counter advances and its RAM value is intact.
     guest.set_call_timeout(Duration::from_secs(10));
     match guest.counter() {
@@ -136,11 +148,41 @@ fn snapshot_onto_a_full_filesystem_fails_cleanly() {
         &[&overlay],
         &sources,
         "before-enospc",
+        false,
         &mut v,
     );
     drop(full);
 
-    // 2. The memory image outgrows a 16 MiB tmpfs (the guest has 128 MiB).
+    // 2. A paused guest's memory image outgrows a 16 MiB tmpfs (the guest
+    //    has 128 MiB): the plain, paused migration path.
+    let paused_fs = Tmpfs::mount(lab.path("paused-fs"), "16m");
+    let memory = paused_fs.path().join("paused.mem");
+    let overlay = lab.path("ov-paused.qcow2");
+    lab.ok(&["suspend", "full"]);
+    let sources = lab.disk_sources("full");
+    check_failed_cleanly(
+        &lab,
+        &mut guest,
+        &[
+            "snapshot-create-as",
+            "full",
+            "pausedfull",
+            "--memspec",
+            &format!("file={},snapshot=external", memory.display()),
+            "--diskspec",
+            &format!("vda,snapshot=external,file={}", overlay.display()),
+        ],
+        &[&memory, &overlay],
+        &sources,
+        "before-enospc",
+        true,
+        &mut v,
+    );
+    drop(paused_fs);
+
+    // 3. A running guest's memory image outgrows a 16 MiB tmpfs: the
+    //    background-snapshot path.
+    let sources = lab.disk_sources("full");
     let small = Tmpfs::mount(lab.path("small-fs"), "16m");
     let memory = small.path().join("full.mem");
     let ok_overlay = lab.path("ov-mem.qcow2");
@@ -159,6 +201,7 @@ fn snapshot_onto_a_full_filesystem_fails_cleanly() {
         &[&memory, &ok_overlay],
         &sources,
         "before-enospc",
+        false,
         &mut v,
     );
     let free_listing: Vec<_> = fs::read_dir(small.path())
