@@ -535,3 +535,192 @@ fn missing_backing_file_is_a_clear_error() {
         }
     }
 }
+
+/// A base smaller than the overlay: QEMU's commit grows the base so it can hold the
+/// overlay's data past the old end. Ours must leave the same bytes.
+#[test]
+fn commit_into_a_smaller_base_matches_qemu_img() {
+    let ours = Scratch::new();
+    let base = ours.path("base.qcow2");
+    oracle::qemu_create(&base, 2 * MIB, "cluster_size=65536");
+    qemu_io(&base, &["write -P 0x21 0 2M"]);
+    let overlay = ours.path("overlay.qcow2");
+    create_overlay(&overlay, 4 * MIB, 65536, "base.qcow2", ImageFormat::Qcow2);
+    let mut image = engine::open_rw(&overlay);
+    image.write_at(3 * MIB + 5, &[0x22; 70_000]).unwrap();
+    image.write_at(MIB, &[0x23; 100]).unwrap();
+    drop(image);
+    let view = oracle::qemu_read_raw(&overlay, None);
+
+    let theirs = Scratch::new();
+    copy_dir(&ours, &theirs, &["base.qcow2", "overlay.qcow2"]);
+    let committed_by_qemu = oracle::qemu_img(&[
+        "commit",
+        "-q",
+        "-f",
+        "qcow2",
+        theirs.path("overlay.qcow2").to_str().unwrap(),
+    ]);
+    let ours_result = vmsnap_qcow2::commit(&overlay);
+    match (committed_by_qemu.status.success(), ours_result) {
+        (true, Ok(_)) => {
+            let qemu_base = oracle::qemu_read_raw(&theirs.path("base.qcow2"), None);
+            assert_same_bytes(&qemu_base, &oracle::qemu_read_raw(&base, None), "bases");
+            oracle::assert_qemu_check_clean(&base, "base after commit");
+            assert_same_bytes(
+                &view,
+                &oracle::qemu_read_raw(&overlay, None),
+                "overlay view",
+            );
+        }
+        (true, Err(e)) => panic!("qemu-img commits into a smaller base, we refused: {e}"),
+        (false, Ok(_)) => panic!("we committed where qemu-img refused"),
+        (false, Err(_)) => {}
+    }
+}
+
+/// Safe rebase onto a smaller backing file: data the old chain had past the new
+/// backing's end must be copied into the overlay so the guest view stays the same.
+#[test]
+fn safe_rebase_onto_a_smaller_backing_keeps_the_view() {
+    let dir = Scratch::new();
+    let old = dir.path("old.qcow2");
+    oracle::qemu_create(&old, 4 * MIB, "cluster_size=4096");
+    qemu_io(&old, &["write -P 0x31 0 4M"]);
+    raw_base(&dir, "new.raw", 2 * MIB);
+    let overlay = dir.path("overlay.qcow2");
+    create_overlay(&overlay, 4 * MIB, 65536, "old.qcow2", ImageFormat::Qcow2);
+    let view = oracle::qemu_read_raw(&overlay, None);
+    vmsnap_qcow2::rebase(
+        &overlay,
+        Some(BackingFile {
+            path: "new.raw".to_string(),
+            format: ImageFormat::Raw,
+        }),
+        false,
+    )
+    .expect("safe rebase onto a smaller raw file");
+    oracle::assert_qemu_check_clean(&overlay, "after rebase");
+    assert_same_bytes(&view, &oracle::qemu_read_raw(&overlay, None), "guest view");
+}
+
+/// Copy-on-write from compressed clusters of the backing file.
+#[test]
+fn partial_writes_over_a_compressed_backing_file() {
+    let dir = Scratch::new();
+    let raw = dir.path("content.raw");
+    let mut content = vec![0u8; 4 * MIB as usize];
+    for (i, b) in content.iter_mut().enumerate() {
+        *b = (i / 1000) as u8 ^ (i % 7) as u8;
+    }
+    std::fs::write(&raw, &content).unwrap();
+    let base = dir.path("base.qcow2");
+    oracle::qemu_img_ok(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=65536",
+        raw.to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]);
+    assert!(oracle::qemu_check(&base).count("compressed-clusters") > 0);
+    let overlay = dir.path("overlay.qcow2");
+    create_overlay(&overlay, 4 * MIB, 4096, "base.qcow2", ImageFormat::Qcow2);
+    let mut image = engine::open_rw(&overlay);
+    for (offset, len) in [
+        (1u64, 1usize),
+        (65536 - 3, 9),
+        (MIB + 4095, 2),
+        (3 * MIB, 70_000),
+    ] {
+        image.write_at(offset, &vec![0xcc; len]).unwrap();
+        content[offset as usize..offset as usize + len].fill(0xcc);
+    }
+    assert_same_bytes(
+        &content,
+        &engine::read_all(&mut image, 4 * MIB),
+        "engine view",
+    );
+    drop(image);
+    oracle::assert_qemu_check_clean(&overlay, "overlay over compressed base");
+    assert_same_bytes(
+        &content,
+        &oracle::qemu_read_raw(&overlay, None),
+        "qemu view",
+    );
+}
+
+/// Internal snapshots of an overlay: what a snapshot does not store still falls through
+/// to the backing file after apply.
+#[test]
+fn internal_snapshots_on_an_overlay() {
+    let dir = Scratch::new();
+    let base = qcow2_base(&dir, "base.qcow2");
+    let overlay = dir.path("overlay.qcow2");
+    create_overlay(&overlay, 4 * MIB, 65536, "base.qcow2", ImageFormat::Qcow2);
+    let mut model = oracle::qemu_read_raw(&base, None);
+    let mut image = engine::open_rw(&overlay);
+    image.write_at(10, &[0x41; 100]).unwrap();
+    model[10..110].fill(0x41);
+    image.create_snapshot("s").unwrap();
+    let at_snapshot = model.clone();
+    image.write_at(MIB - 50, &[0x42; 100_000]).unwrap();
+    image.apply_snapshot("s").unwrap();
+    assert_same_bytes(
+        &at_snapshot,
+        &engine::read_all(&mut image, 4 * MIB),
+        "after apply",
+    );
+    drop(image);
+    oracle::assert_qemu_check_clean(&overlay, "overlay with a snapshot");
+    assert_same_bytes(
+        &at_snapshot,
+        &oracle::qemu_read_raw(&overlay, None),
+        "qemu view",
+    );
+}
+
+/// Zero clusters (v3) in an overlay hide the backing file's data; unallocated ones
+/// (discarded on v2) show it again.
+#[test]
+fn zero_clusters_mask_the_backing_file() {
+    for compat in ["1.1", "0.10"] {
+        let dir = Scratch::new();
+        let base = qcow2_base(&dir, "base.qcow2");
+        let overlay = dir.path("overlay.qcow2");
+        oracle::qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("compat={compat},cluster_size=65536"),
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            overlay.to_str().unwrap(),
+        ]);
+        qemu_io(
+            &overlay,
+            &["write -P 0x51 0 128k", "write -z 0 64k", "write -z 200k 8k"],
+        );
+        let expected = oracle::qemu_read_raw(&overlay, None);
+        let base_view = oracle::qemu_read_raw(&base, None);
+        assert_ne!(
+            &expected[..65536],
+            &base_view[..65536],
+            "compat {compat}: zeros differ from base"
+        );
+        let mut image = engine::open_ro(&overlay);
+        assert_same_bytes(
+            &expected,
+            &engine::read_all(&mut image, 4 * MIB),
+            &format!("compat {compat}: zero clusters over a backing file"),
+        );
+    }
+}
