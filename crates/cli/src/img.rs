@@ -75,6 +75,9 @@ struct InfoArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
+    /// Open without locks, even while another process (QEMU) writes the image.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Image to describe.
     file: PathBuf,
 }
@@ -117,6 +120,9 @@ struct SnapshotArgs {
     /// Output format for -l.
     #[arg(long, value_enum, default_value = "human")]
     output: OutputFormat,
+    /// With -l: open without locks, even while another process (QEMU) writes the image.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
@@ -505,14 +511,20 @@ fn info(a: InfoArgs, json: bool) -> anyhow::Result<ExitCode> {
     let filename = a.file.display().to_string();
     let result = match format {
         ImageFormat::Raw => {
-            let raw = RawImage::open(&a.file, false)?;
+            let virtual_size = if a.force_share {
+                std::fs::metadata(&a.file)
+                    .with_context(|| format!("{}: cannot stat the image", a.file.display()))?
+                    .len()
+            } else {
+                qcow2::Disk::size(&RawImage::open(&a.file, false)?)
+            };
             let actual = std::fs::metadata(&a.file)
                 .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
                 .unwrap_or(0);
             InfoJson {
                 snapshots: None,
                 backing_filename_format: None,
-                virtual_size: qcow2::Disk::size(&raw),
+                virtual_size,
                 filename,
                 cluster_size: None,
                 format: "raw".into(),
@@ -524,13 +536,17 @@ fn info(a: InfoArgs, json: bool) -> anyhow::Result<ExitCode> {
             }
         }
         ImageFormat::Qcow2 => {
-            let img = Qcow2Image::open(
-                &a.file,
-                OpenOptions {
-                    writable: false,
-                    backing: BackingPolicy::Ignore,
-                },
-            )?;
+            let img = if a.force_share {
+                Qcow2Image::open_force_share(&a.file)?
+            } else {
+                Qcow2Image::open(
+                    &a.file,
+                    OpenOptions {
+                        writable: false,
+                        backing: BackingPolicy::Ignore,
+                    },
+                )?
+            };
             let i = img.info();
             let v3 = i.compat == Compat::V3;
             InfoJson {
@@ -756,13 +772,20 @@ fn snapshot(a: SnapshotArgs, json: bool) -> anyhow::Result<ExitCode> {
     let format = image_format(&a.file, a.format.as_deref())?;
     require_qcow2(&a.file, format, "internal snapshots")?;
     let writable = a.create.is_some() || a.delete.is_some() || a.apply.is_some();
-    let mut img = Qcow2Image::open(
-        &a.file,
-        OpenOptions {
-            writable,
-            backing: BackingPolicy::Ignore,
-        },
-    )?;
+    if writable && a.force_share {
+        bail!("-U (force share) is only allowed with -l");
+    }
+    let mut img = if a.force_share {
+        Qcow2Image::open_force_share(&a.file)?
+    } else {
+        Qcow2Image::open(
+            &a.file,
+            OpenOptions {
+                writable,
+                backing: BackingPolicy::Ignore,
+            },
+        )?
+    };
     if let Some(name) = &a.create {
         img.create_snapshot(name)?;
     } else if let Some(name) = &a.delete {

@@ -203,14 +203,37 @@ impl Qcow2Image {
     /// opened for writing, as QEMU does.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Self> {
         let mut chain = Vec::new();
-        Self::open_inner(path, opts.writable, &opts.backing, &mut chain, false)
+        Self::open_inner(path, opts.writable, &opts.backing, &mut chain, false, true)
     }
 
     /// Opens an image for `check`: allowed on images marked corrupt or dirty, never
     /// repairs on its own, never opens the backing file. Pass `writable` to repair.
     pub fn open_for_check(path: &Path, writable: bool) -> Result<Self> {
         let mut chain = Vec::new();
-        Self::open_inner(path, writable, &BackingPolicy::Ignore, &mut chain, true)
+        Self::open_inner(
+            path,
+            writable,
+            &BackingPolicy::Ignore,
+            &mut chain,
+            true,
+            true,
+        )
+    }
+
+    /// Opens read-only without taking or checking locks, like `qemu-img -U` (force share).
+    ///
+    /// For inspecting an image a running QEMU has open (info, snapshot list): what it reads
+    /// may be stale or inconsistent while QEMU writes, so never base writes on it.
+    pub fn open_force_share(path: &Path) -> Result<Self> {
+        let mut chain = Vec::new();
+        Self::open_inner(
+            path,
+            false,
+            &BackingPolicy::Ignore,
+            &mut chain,
+            false,
+            false,
+        )
     }
 
     fn open_inner(
@@ -219,6 +242,7 @@ impl Qcow2Image {
         backing: &BackingPolicy,
         chain: &mut Vec<PathBuf>,
         for_repair: bool,
+        lock: bool,
     ) -> Result<Self> {
         let canonical = path
             .canonicalize()
@@ -238,7 +262,9 @@ impl Qcow2Image {
             .write(writable)
             .open(path)
             .map_err(|e| Error::io(path, "open the image", e))?;
-        crate::lock::lock_image(&file, path, writable)?;
+        if lock {
+            crate::lock::lock_image(&file, path, writable)?;
+        }
         let file_len = file
             .metadata()
             .map_err(|e| Error::io(path, "stat the image", e))?
@@ -371,6 +397,7 @@ impl Qcow2Image {
                         &BackingPolicy::FromHeader,
                         chain,
                         false,
+                        true,
                     )?),
                 };
                 img.backing = Some(disk);
@@ -1045,6 +1072,24 @@ impl Qcow2Image {
         })
     }
 
+    /// The refcount of `cluster` when its block is already in memory (None otherwise).
+    #[inline]
+    pub(crate) fn cached_refcount(&self, cluster: u64) -> Option<u64> {
+        let per = self.refblock_entries();
+        match self
+            .rc
+            .blocks
+            .get((cluster >> per.trailing_zeros()) as usize)
+        {
+            Some(Some(block)) => Some(get_refcount(
+                &block.data,
+                self.header.refcount_order,
+                (cluster & (per - 1)) as usize,
+            )),
+            _ => None,
+        }
+    }
+
     /// Sets a refcount; the covering block must exist (allocation ensures it).
     fn set_refcount_value(&mut self, cluster: u64, value: u64) -> Result<()> {
         let per = self.refblock_entries();
@@ -1070,19 +1115,21 @@ impl Qcow2Image {
     /// `len == 0` means one cluster. Clusters whose count drops to zero are dropped from the caches.
     pub(crate) fn add_refcount(&mut self, offset: u64, len: u64, delta: i64) -> Result<()> {
         let cs = self.cluster_size();
-        let first = offset / cs;
+        let bits = self.header.cluster_bits;
+        let first = offset >> bits;
         let last = if len == 0 {
             first
         } else {
-            (offset + len - 1) / cs
+            (offset + len - 1) >> bits
         };
         let per = self.refblock_entries();
+        let per_shift = per.trailing_zeros();
         let order = self.header.refcount_order;
         let max = max_refcount(order);
         for c in first..=last {
             // Fast path: the block is in memory and the count stays within 1..=max.
-            if let Some(Some(block)) = self.rc.blocks.get_mut((c / per) as usize) {
-                let i = (c % per) as usize;
+            if let Some(Some(block)) = self.rc.blocks.get_mut((c >> per_shift) as usize) {
+                let i = (c & (per - 1)) as usize;
                 let old = get_refcount(&block.data, order, i);
                 let new = old
                     .checked_add_signed(delta)

@@ -299,6 +299,7 @@ impl Qcow2Image {
             .filter(|&o| o != 0)
             .collect();
         self.prefetch_l2(&offsets)?;
+        self.load_all_refblocks()?;
         for i in 0..self.l1.len() {
             let raw = self.l1[i];
             let off = raw & OFFSET_MASK;
@@ -338,12 +339,15 @@ impl Qcow2Image {
                     } => host,
                     _ => continue,
                 };
-                let rc = match self.refcount(host / cs) {
-                    Ok(rc) => rc,
-                    Err(err) => {
-                        result = Err(err);
-                        break;
-                    }
+                let rc = match self.cached_refcount(host / cs) {
+                    Some(rc) => rc,
+                    None => match self.refcount(host / cs) {
+                        Ok(rc) => rc,
+                        Err(err) => {
+                            result = Err(err);
+                            break;
+                        }
+                    },
                 };
                 let new = if rc == 1 {
                     *e | OFLAG_COPIED
