@@ -217,3 +217,145 @@ fn engine_and_qemu_lock_each_other_out() {
     );
     oracle::assert_qemu_check_clean(&path, "after the lock tests");
 }
+
+/// QEMU with lazy refcounts killed mid-run leaves the dirty bit set and refcounts that
+/// say used clusters are free. Writing without repairing first would hand those clusters
+/// out again and overwrite live data: our engine must repair (as QEMU does on open) or
+/// refuse the writable open.
+#[test]
+fn dirty_image_from_a_crashed_qemu_is_repaired_or_refused() {
+    let scratch = Scratch::new();
+    let path = scratch.path("dirty.qcow2");
+    oracle::qemu_create(&path, 4 * MIB, "cluster_size=4096,lazy_refcounts=on");
+    let status = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x11 0 64k", "-c", "abort"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("qemu-io is needed as the oracle: run scripts/setup.sh");
+    assert!(!status.success(), "qemu-io aborted");
+    assert_eq!(oracle::qemu_check(&path).exit_code, 2, "stale refcounts");
+    let before = common::read_file(&path);
+    match Qcow2Image::open(
+        &path,
+        OpenOptions {
+            writable: true,
+            backing: BackingPolicy::Ignore,
+        },
+    ) {
+        Err(e) => {
+            let message = e.to_string();
+            assert!(
+                message.contains("dirty.qcow2"),
+                "names the image: {message}"
+            );
+            common::assert_unchanged(&before, &path, "a refused open of a dirty image");
+        }
+        Ok(mut image) => {
+            image.write_at(MIB, &[0x22; 64 * 1024]).expect("write");
+            image.create_snapshot("after-crash").expect("snapshot");
+            image
+                .write_at(32 * 1024, &[0x33; 4096])
+                .expect("write after snapshot");
+            drop(image);
+            oracle::assert_qemu_check_clean(&path, "dirty image after our writes");
+            let mut expected = vec![0u8; 4 * MIB as usize];
+            expected[..64 * 1024].fill(0x11);
+            expected[MIB as usize..MIB as usize + 64 * 1024].fill(0x22);
+            assert_same_bytes(
+                &expected,
+                &oracle::qemu_read_raw(&path, Some("after-crash")),
+                "the data QEMU wrote before the crash survived",
+            );
+            expected[32 * 1024..36 * 1024].fill(0x33);
+            assert_same_bytes(&expected, &oracle::qemu_read_raw(&path, None), "active");
+        }
+    }
+}
+
+/// Guest I/O outside the disk, or with offsets that overflow, is refused without a panic
+/// and without touching the file; read-only images refuse every change.
+#[test]
+fn out_of_range_io_and_read_only_images_are_refused() {
+    let scratch = Scratch::new();
+    let path = scratch.path("range.qcow2");
+    oracle::qemu_create(&path, 4 * MIB, "cluster_size=65536");
+    oracle::qemu_io(&path, &["write -P 0x61 0 64k"]);
+    let before = common::read_file(&path);
+    let mut image = engine::open_rw(&path);
+    let size = 4 * MIB;
+    let mut buf = [0u8; 16];
+    assert!(
+        image.read_at(size - 8, &mut buf).is_err(),
+        "read across the end"
+    );
+    assert!(image.read_at(size, &mut buf).is_err(), "read at the end");
+    assert!(
+        image.read_at(u64::MAX - 4, &mut buf).is_err(),
+        "read overflowing u64"
+    );
+    assert!(
+        image.write_at(size - 8, &buf).is_err(),
+        "write across the end"
+    );
+    assert!(
+        image.write_at(u64::MAX - 4, &buf).is_err(),
+        "write overflowing u64"
+    );
+    assert!(
+        image.apply_snapshot("none").is_err(),
+        "apply of a missing snapshot"
+    );
+    assert!(
+        image.delete_snapshot("none").is_err(),
+        "delete of a missing snapshot"
+    );
+    drop(image);
+    common::assert_unchanged(&before, &path, "refused I/O");
+
+    let mut image = engine::open_ro(&path);
+    assert!(
+        image.write_at(0, &buf).is_err(),
+        "write on a read-only image"
+    );
+    assert!(
+        image.create_snapshot("ro").is_err(),
+        "snapshot on a read-only image"
+    );
+    assert!(
+        image.check(Some(vmsnap_qcow2::RepairMode::All)).is_err(),
+        "repair on read-only"
+    );
+    let mut data = vec![0u8; 65536];
+    image.read_at(0, &mut data).expect("read-only read");
+    assert!(data.iter().all(|&b| b == 0x61));
+    drop(image);
+    common::assert_unchanged(&before, &path, "read-only image");
+}
+
+/// Persistent dirty bitmaps track guest writes; an engine that does not update them must
+/// not write guest data behind QEMU's back (QEMU would trust a stale bitmap).
+#[test]
+fn images_with_persistent_bitmaps_refuse_guest_writes() {
+    let scratch = Scratch::new();
+    let path = scratch.path("bitmap.qcow2");
+    oracle::qemu_create(&path, 4 * MIB, "cluster_size=65536");
+    oracle::qemu_img_ok(&["bitmap", "--add", path.to_str().unwrap(), "b0"]);
+    let before = common::read_file(&path);
+    if let Ok(mut image) = Qcow2Image::open(
+        &path,
+        OpenOptions {
+            writable: true,
+            backing: BackingPolicy::Ignore,
+        },
+    ) {
+        assert!(
+            image.write_at(0, &[1; 512]).is_err(),
+            "write under a bitmap"
+        );
+        drop(image);
+    }
+    common::assert_unchanged(&before, &path, "refused write under a bitmap");
+    oracle::assert_qemu_check_clean(&path, "bitmap image");
+}
