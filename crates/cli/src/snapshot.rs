@@ -12,7 +12,7 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use vmsnap_core::snapshot::orchestrate::{
-    CreateRequest, DiskSpec, MemSpec, Orchestrator, Progress, RevertMode,
+    CreateRequest, DiskSpec, ErrorKind, MemSpec, Orchestrator, Progress, RevertMode,
 };
 use vmsnap_core::snapshot::render::{self, TimeZone};
 use vmsnap_core::snapshot::tree::{DeleteScope, ListOutputOptions, ListQuery, SnapshotTree};
@@ -445,6 +445,15 @@ async fn execute(
             active,
             inactive,
         } => {
+            // A killed vmsnap may have left an operation half done: finish
+            // or roll it back first, unless another command holds the domain.
+            if !orchestrator.snapshots().open_intents(&domain)?.is_empty() {
+                match orchestrator.recover(&domain).await {
+                    Ok(notes) => notes.iter().for_each(|n| eprintln!("note: {n}")),
+                    Err(err) if err.kind() == ErrorKind::Conflict => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
             let snapshots = orchestrator.tree(&domain)?;
             let from = match (from, current) {
                 (Some(_), true) => bail!("--from and --current are mutually exclusive"),

@@ -18,7 +18,7 @@ use super::offline;
 use super::plan::{live_content_needed, needed_files, plan_merge, without_layer, Merge};
 use super::runtime::{qmp_error, shell_quote, FdMonitor};
 use super::spec::{DiskSpec, MemSpec};
-use super::store::{Change, Intent, Operation, SnapshotStore, StoredSnapshot};
+use super::store::{failpoint, Change, Intent, Operation, SnapshotStore, StoredSnapshot};
 use crate::cmdline::LaunchOptions;
 use crate::config::{DiskFormat, DomainConfig};
 use crate::disk::{file_node_name, DiskChain};
@@ -292,10 +292,49 @@ impl<'a> Orchestrator<'a> {
             }
         }
         if let Some(qmp) = qmp {
+            self.release_unneeded_nodes(dom, &qmp).await?;
             qmp.close().await;
         }
         notes.extend(self.collect_garbage(dom)?);
         Ok(notes)
+    }
+
+    /// Removes from a running QEMU the block nodes an interrupted operation
+    /// added for files nothing needs (so the files can go, and a retry can
+    /// add its nodes again).
+    async fn release_unneeded_nodes(&self, dom: &Domain, qmp: &Qmp) -> Result<()> {
+        let current = chains_of(&self.snaps.chains(&dom.name)?);
+        let snapshots = self.snaps.snapshots(&dom.name)?;
+        let needed = needed_files(&current, &snapshots);
+        let owned: BTreeSet<PathBuf> = self.snaps.owned_files(&dom.name)?.into_iter().collect();
+        let nodes = qmp
+            .query_named_block_nodes()
+            .await
+            .map_err(qmp_error(&dom.name, "query-named-block-nodes"))?;
+        let in_use: BTreeSet<String> = self
+            .snaps
+            .chains(&dom.name)?
+            .iter()
+            .flat_map(|c| c.layers.iter().map(|l| l.node_name.clone()))
+            .collect();
+        let stale: Vec<&vmsnap_qmp::BlockDeviceInfo> = nodes
+            .iter()
+            .filter(|n| {
+                let file = PathBuf::from(&n.file);
+                owned.contains(&file) && !needed.contains(&file) && !in_use.contains(&n.node_name)
+            })
+            .collect();
+        // Format nodes before the protocol nodes they sit on.
+        for node in stale
+            .iter()
+            .filter(|n| n.drv != "file")
+            .chain(stale.iter().filter(|n| n.drv == "file"))
+        {
+            let _ = qmp
+                .execute("blockdev-del", Some(json!({"node-name": node.node_name})))
+                .await;
+        }
+        Ok(())
     }
 
     /// Records the chains QEMU really runs on where they differ from the records.
@@ -804,7 +843,8 @@ impl<'a> Orchestrator<'a> {
             current: Some(Some(name.clone())),
             ..Change::default()
         };
-        self.snaps.commit(&dom.name, id, &change, None)?;
+        self.snaps
+            .commit(&dom.name, id, Operation::Create, &change, None)?;
         Ok(CreateOutcome {
             name,
             kind: meta.kind(),
@@ -854,7 +894,8 @@ impl<'a> Orchestrator<'a> {
                     chains: new_chains,
                     ..Change::default()
                 };
-                self.snaps.commit(&dom.name, id, &change, None)?;
+                self.snaps
+                    .commit(&dom.name, id, Operation::Create, &change, None)?;
                 Ok(outcome)
             }
             Err(err) => {
@@ -1071,8 +1112,10 @@ impl<'a> Orchestrator<'a> {
         }
         if was_running {
             monitor.execute("stop", Value::Null)?;
+            failpoint(Operation::Create, "stopped");
         }
         let switched = monitor.execute("transaction", json!({"actions": actions}));
+        failpoint(Operation::Create, "switched");
         if let Err(err) = switched {
             if memory_handle.is_some() {
                 let _ = monitor.execute("closefd", json!({"fdname": MEMORY_FD_NAME}));
@@ -1391,7 +1434,8 @@ impl<'a> Orchestrator<'a> {
                     chains: disk_chains,
                     ..Change::default()
                 };
-                self.snaps.commit(domain, id, &change, None)?;
+                self.snaps
+                    .commit(domain, id, Operation::Revert, &change, None)?;
             }
             Err(err) => {
                 let qmp = self.running_qmp(&dom).await.ok().flatten();
@@ -1760,7 +1804,8 @@ impl<'a> Orchestrator<'a> {
         }
         intent.committed = true;
         intent.step = "delete internal snapshots".into();
-        self.snaps.commit(domain, id, &change, Some(&intent))?;
+        self.snaps
+            .commit(domain, id, Operation::Delete, &change, Some(&intent))?;
         let mut left = Vec::new();
         for (image, tag) in &intent.doomed_tags {
             if let Err(err) = self.delete_tag(dom, qmp.as_ref(), image, tag).await {

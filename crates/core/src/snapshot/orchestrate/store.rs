@@ -273,26 +273,31 @@ impl<'a> SnapshotStore<'a> {
 
     /// Opens a journal entry.
     pub fn begin(&self, domain: &str, intent: &Intent) -> Result<i64> {
-        Ok(self.store.transaction(|tx| {
+        let id = self.store.transaction(|tx| {
             tx.execute(
                 "INSERT INTO snapshot_journal (domain, intent) VALUES (?1, ?2)",
                 params![domain, to_json(intent)],
             )
             .map_err(sql("open journal entry"))?;
             Ok(tx.last_insert_rowid())
-        })?)
+        })?;
+        failpoint(intent.op, &intent.step);
+        Ok(id)
     }
 
-    /// Records the step an open operation is about to run.
+    /// Records the step an open operation is about to run (a failpoint
+    /// named `snapshot.OP.STEP` follows, for crash tests).
     pub fn step(&self, id: i64, intent: &Intent) -> Result<()> {
-        Ok(self.store.transaction(|tx| {
+        self.store.transaction(|tx| {
             tx.execute(
                 "UPDATE snapshot_journal SET intent = ?2 WHERE id = ?1",
                 params![id, to_json(intent)],
             )
             .map_err(sql("update journal entry"))?;
             Ok(())
-        })?)
+        })?;
+        failpoint(intent.op, &intent.step);
+        Ok(())
     }
 
     /// Commits an operation's outcome atomically: the records change, and the
@@ -302,10 +307,11 @@ impl<'a> SnapshotStore<'a> {
         &self,
         domain: &str,
         id: i64,
+        op: Operation,
         change: &Change,
         intent: Option<&Intent>,
     ) -> Result<()> {
-        Ok(self.store.transaction(|tx| {
+        self.store.transaction(|tx| {
             apply_change(tx, domain, change)?;
             match intent {
                 None => {
@@ -321,7 +327,9 @@ impl<'a> SnapshotStore<'a> {
                 }
             }
             Ok(())
-        })?)
+        })?;
+        failpoint(op, "committed");
+        Ok(())
     }
 
     /// Applies record changes without a journal entry (metadata-only commands).
@@ -339,6 +347,15 @@ impl<'a> SnapshotStore<'a> {
             Ok(())
         })?)
     }
+}
+
+/// Crash tests stop vmsnap at `snapshot.OP.STEP` (step words joined by `-`).
+pub fn failpoint(op: Operation, step: &str) {
+    let step: String = step
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    crate::failpoint::hit(&format!("snapshot.{}.{step}", op.as_str()));
 }
 
 type SnapshotRow = (String, i64, String, String);
