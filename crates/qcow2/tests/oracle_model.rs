@@ -446,6 +446,7 @@ fn check_snapshot_list(image: &mut Qcow2Image, model: &DiskModel, log: &OpLog) {
 /// list, every snapshot and the active state byte-identical.
 fn verify_with_qemu(path: &Path, model: &DiskModel, context: &str) {
     oracle::assert_qemu_check_clean(path, context);
+    common::assert_check_agrees_with_qemu(path, context);
     let listed: Vec<(String, String)> = oracle::qemu_snapshots(path)
         .into_iter()
         .map(|s| (s.id, s.name))

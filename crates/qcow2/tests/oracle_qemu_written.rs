@@ -117,6 +117,8 @@ fn engine_handles_qemu_image(size: u64, options: &str, snapshots: usize, seed: u
     let mut model = qemu_made_image(&path, size, options, snapshots, seed);
     let context = format!("[{options} seed {seed}]");
 
+    common::assert_check_agrees_with_qemu(&path, &format!("{context} before any change"));
+
     // List: every field QEMU shows.
     let qemu_list = oracle::qemu_snapshots(&path);
     let mut image = engine::open_ro(&path);
@@ -189,6 +191,7 @@ fn engine_handles_qemu_image(size: u64, options: &str, snapshots: usize, seed: u
         model.delete_snapshot(&name);
         let ctx = format!("{context} after deleting {name}");
         oracle::assert_qemu_check_clean(&path, &ctx);
+        common::assert_check_agrees_with_qemu(&path, &ctx);
         let names: Vec<String> = oracle::qemu_snapshots(&path)
             .into_iter()
             .map(|s| s.name)

@@ -100,3 +100,36 @@ pub fn assert_unchanged(before: &[u8], path: &Path, what: &str) {
         changed.last()
     );
 }
+
+/// Our `check` (no repair) must see what `qemu-img check` sees: the same counters
+/// (errors, corruptions, leaks, image end, total/allocated/fragmented/compressed
+/// clusters), and it must not write.
+pub fn assert_check_agrees_with_qemu(path: &Path, context: &str) {
+    let qemu = oracle::qemu_check(path);
+    let before = read_file(path);
+    let report = engine::open_ro(path)
+        .check(None)
+        .unwrap_or_else(|e| panic!("{context}: our check of {}: {e}", path.display()));
+    assert_unchanged(&before, path, &format!("{context}: check without repair"));
+    let ours = [
+        ("check-errors", report.check_errors),
+        ("corruptions", report.corruptions),
+        ("leaks", report.leaks),
+        ("image-end-offset", report.image_end_offset),
+        ("total-clusters", report.total_clusters),
+        ("allocated-clusters", report.allocated_clusters),
+        ("fragmented-clusters", report.fragmented_clusters),
+        ("compressed-clusters", report.compressed_clusters),
+    ];
+    let differing: Vec<String> = ours
+        .iter()
+        .filter(|(field, value)| qemu.count(field) != *value)
+        .map(|(field, value)| format!("{field}: ours {value}, qemu-img {}", qemu.count(field)))
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{context}: check of {} differs from qemu-img's: {}",
+        path.display(),
+        differing.join("; ")
+    );
+}
