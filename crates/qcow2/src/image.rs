@@ -175,6 +175,8 @@ pub struct Qcow2Image {
     writing_frees: bool,
     unsynced_ranges: Vec<(u64, u64)>,
     ranges_overflowed: bool,
+    /// The in-memory L1 table points to an L2 table not yet written.
+    l1_has_new_l2: bool,
 }
 
 /// What a metadata cluster holds, for the overlap checks before writes.
@@ -332,6 +334,7 @@ impl Qcow2Image {
             writing_frees: false,
             unsynced_ranges: Vec::new(),
             ranges_overflowed: false,
+            l1_has_new_l2: false,
             backing_name,
             file_len,
             header,
@@ -1221,7 +1224,11 @@ impl Qcow2Image {
             let mut start = self.rc.free_hint.max(1);
             let mut c = start;
             while c < start + n {
-                if self.refcount(c)? != 0 || self.is_metadata(c * cs) {
+                let rc = match self.cached_refcount(c) {
+                    Some(rc) => rc,
+                    None => self.refcount(c)?,
+                };
+                if rc != 0 || self.is_metadata(c * cs) {
                     start = c + 1;
                 }
                 c += 1;
@@ -1697,6 +1704,11 @@ impl Qcow2Image {
             i = j;
         }
         if self.l1_dirty {
+            // A new L2 table must be on disk before the L1 entry that points to it.
+            if self.l1_has_new_l2 {
+                self.sync()?;
+                self.l1_has_new_l2 = false;
+            }
             let bytes = fmt::encode_u64_table(&self.l1);
             self.pwrite(self.header.l1_table_offset, &bytes, "L1 table")?;
             self.l1_dirty = false;
@@ -1764,6 +1776,7 @@ impl Qcow2Image {
         self.pread(self.header.l1_table_offset, &mut l1_bytes, "L1 table")?;
         self.l1 = fmt::decode_u64_table(&l1_bytes);
         self.l1_dirty = false;
+        self.l1_has_new_l2 = false;
         self.header_dirty = false;
         let bytes = u64::from(self.header.refcount_table_clusters) * self.cluster_size();
         let mut rt = vec![0u8; bytes as usize];
