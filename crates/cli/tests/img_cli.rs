@@ -737,3 +737,52 @@ fn corrupt_bit_refuses_writes() {
         "a refused command wrote"
     );
 }
+
+/// Muscle memory extends to reading the output: on the same images, the text of
+/// `info`, `check` and `snapshot -l` is qemu-img's, line for line.
+#[test]
+fn text_output_matches_qemu_img() {
+    let dir = tmp();
+    let snaps = image_with_snapshots(dir.path());
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; MIB as usize]).unwrap();
+    let overlay = dir.path().join("overlay.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&overlay),
+    ]);
+    let v2 = dir.path().join("v2.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10,cluster_size=4096",
+        s(&v2),
+        "3M",
+    ]);
+    qemu_io(&v2, "write -P 0x11 0 100k");
+    for path in [&snaps, &overlay, &v2] {
+        for command in [vec!["info"], vec!["check"], vec!["snapshot", "-l"]] {
+            let mut args = command.clone();
+            args.push(s(path));
+            let ours = vmsnap(&args);
+            let theirs = qemu_img(&args);
+            assert_eq!(ours.status.code(), theirs.status.code(), "exit of {args:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&ours.stdout),
+                String::from_utf8_lossy(&theirs.stdout),
+                "stdout of `img {}`",
+                args.join(" ")
+            );
+        }
+    }
+}
