@@ -267,6 +267,12 @@ fn commit_matches_qemu_img_commit() {
             oracle::assert_qemu_check_clean(&ours.path(&base_name), "base after our commit");
         }
         oracle::assert_qemu_check_clean(&overlay, "overlay after our commit");
+        // qemu-img commit empties the overlay (without -d); so must we.
+        assert_eq!(
+            oracle::qemu_check(&overlay).count("allocated-clusters"),
+            oracle::qemu_check(&theirs.path("overlay.qcow2")).count("allocated-clusters"),
+            "clusters left in the overlay after commit, ours vs qemu-img's"
+        );
         assert_same_bytes(
             &view_before,
             &oracle::qemu_read_raw(&overlay, None),
@@ -723,4 +729,37 @@ fn zero_clusters_mask_the_backing_file() {
             &format!("compat {compat}: zero clusters over a backing file"),
         );
     }
+}
+
+/// Relative backing names resolve against the overlay's directory, not the caller's.
+#[test]
+fn relative_backing_name_from_another_directory() {
+    let dir = Scratch::new();
+    let base = qcow2_base(&dir, "base.qcow2");
+    std::fs::create_dir(dir.path("sub")).unwrap();
+    let overlay = dir.path("sub/overlay.qcow2");
+    create_overlay(
+        &overlay,
+        4 * MIB,
+        65536,
+        "../base.qcow2",
+        ImageFormat::Qcow2,
+    );
+    assert_eq!(
+        info_backing(&overlay),
+        (Some("../base.qcow2".into()), Some("qcow2".into()))
+    );
+    let expected = oracle::qemu_read_raw(&base, None);
+    let mut image = engine::open_ro(&overlay);
+    assert_same_bytes(
+        &expected,
+        &engine::read_all(&mut image, 4 * MIB),
+        "read through ../",
+    );
+    drop(image);
+    assert_same_bytes(
+        &expected,
+        &oracle::qemu_read_raw(&overlay, None),
+        "qemu agrees",
+    );
 }
