@@ -20,18 +20,28 @@ fn qemu_io(image: &Path, command: &str) -> String {
         .args(["-f", "qcow2", "-c", command, image.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "qemu-io {command}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-io {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Reads 1 MiB at `offset` of the disk and checks it is all `byte`.
 fn expect(image: &Path, offset: u64, byte: u8) {
     let out = qemu_io(image, &format!("read -P {byte} {offset} 1M"));
-    assert!(!out.contains("Pattern verification failed"), "{} at {offset}: not {byte:#x}\n{out}", image.display());
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "{} at {offset}: not {byte:#x}\n{out}",
+        image.display()
+    );
 }
 
 fn active(host: &Host) -> PathBuf {
-    host.domain("off").unwrap().disks()[0].layers[0].path.clone()
+    host.domain("off").unwrap().disks()[0].layers[0]
+        .path
+        .clone()
 }
 
 fn snapshot_files(host: &Host) -> Vec<PathBuf> {
@@ -58,7 +68,8 @@ async fn stopped_domain_internal_and_external() {
     )
     .unwrap();
     let host = Host::open(Some(&dir.path().join("state"))).unwrap();
-    host.define(&dir.path().join("off.toml"), LockWait::Fail).unwrap();
+    host.define(&dir.path().join("off.toml"), LockWait::Fail)
+        .unwrap();
     let orchestrator = Orchestrator::new(&host).unwrap();
     let create = |name: &str, external: bool| CreateRequest {
         name: Some(name.into()),
@@ -67,23 +78,42 @@ async fn stopped_domain_internal_and_external() {
     };
 
     qemu_io(&vda, "write -P 0x11 0 1M");
-    let out = orchestrator.create("off", &create("i1", false), &no_progress).await.unwrap();
+    let out = orchestrator
+        .create("off", &create("i1", false), &no_progress)
+        .await
+        .unwrap();
     assert_eq!(out.kind.as_str(), "disk-only-internal");
     qemu_io(&vda, "write -P 0x22 0 1M");
-    let out = orchestrator.create("off", &create("x1", true), &no_progress).await.unwrap();
+    let out = orchestrator
+        .create("off", &create("x1", true), &no_progress)
+        .await
+        .unwrap();
     assert_eq!(out.kind.as_str(), "disk-only-external");
     let top = active(&host);
     assert_ne!(top, vda);
     qemu_io(&top, "write -P 0x33 0 1M");
-    let out = orchestrator.create("off", &create("i2", false), &no_progress).await.unwrap();
+    let out = orchestrator
+        .create("off", &create("i2", false), &no_progress)
+        .await
+        .unwrap();
     assert_eq!(out.kind.as_str(), "disk-only-internal");
     qemu_io(&top, "write -P 0x44 0 1M");
-    let out = orchestrator.create("off", &create("x2", true), &no_progress).await.unwrap();
+    let out = orchestrator
+        .create("off", &create("x2", true), &no_progress)
+        .await
+        .unwrap();
     qemu_io(&active(&host), "write -P 0x55 0 1M");
     assert_eq!(out.name, "x2");
 
     // Each snapshot reverts to its own bytes, in any order; the guest stays off.
-    for (name, byte) in [("i1", 0x11), ("x1", 0x22), ("i2", 0x33), ("x2", 0x44), ("i1", 0x11), ("i2", 0x33)] {
+    for (name, byte) in [
+        ("i1", 0x11),
+        ("x1", 0x22),
+        ("i2", 0x33),
+        ("x2", 0x44),
+        ("i1", 0x11),
+        ("i2", 0x33),
+    ] {
         let outcome = orchestrator
             .revert("off", name, RevertMode::AsRecorded, &no_progress)
             .await
@@ -105,14 +135,34 @@ async fn stopped_domain_internal_and_external() {
         expect(&active(&host), 0, 0x66);
     }
     assert!(orchestrator.tree("off").unwrap().is_empty());
-    let chain: Vec<PathBuf> = host.domain("off").unwrap().disks()[0].layers.iter().map(|l| l.path.clone()).collect();
+    let chain: Vec<PathBuf> = host.domain("off").unwrap().disks()[0]
+        .layers
+        .iter()
+        .map(|l| l.path.clone())
+        .collect();
     for file in snapshot_files(&host) {
         assert!(chain.contains(&file), "{} left behind", file.display());
     }
     for file in chain.iter().chain(std::iter::once(&vda)) {
-        let out = Command::new("qemu-img").args(["check", "-q", "-f", "qcow2", file.to_str().unwrap()]).output().unwrap();
-        assert_eq!(out.status.code(), Some(0), "{}: {}", file.display(), String::from_utf8_lossy(&out.stdout));
-        let list = Command::new("qemu-img").args(["snapshot", "-l", file.to_str().unwrap()]).output().unwrap();
-        assert!(String::from_utf8_lossy(&list.stdout).trim().is_empty(), "{} still holds snapshots", file.display());
+        let out = Command::new("qemu-img")
+            .args(["check", "-q", "-f", "qcow2", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let list = Command::new("qemu-img")
+            .args(["snapshot", "-l", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&list.stdout).trim().is_empty(),
+            "{} still holds snapshots",
+            file.display()
+        );
     }
 }
