@@ -1883,14 +1883,15 @@ impl Drop for Qcow2Image {
     }
 }
 
-/// Inflates a raw deflate stream (window bits 12, as QEMU writes) into exactly `out.len()` bytes.
+/// Inflates a raw deflate stream (as QEMU writes it) into exactly `out.len()` bytes.
+///
+/// Like QEMU, a stream that fills the cluster counts even without its end marker: the
+/// descriptor's sector count may cut trailing bytes of the stream.
 fn decompress_deflate(input: &[u8], out: &mut [u8]) -> bool {
     let mut d = flate2::Decompress::new(false);
-    match d.decompress(input, out, flate2::FlushDecompress::Finish) {
-        Ok(flate2::Status::StreamEnd) => d.total_out() == out.len() as u64,
-        Ok(_) => d.total_out() == out.len() as u64,
-        Err(_) => false,
-    }
+    d.decompress(input, out, flate2::FlushDecompress::Finish)
+        .is_ok()
+        && d.total_out() == out.len() as u64
 }
 
 /// Decodes zstd frames until `out` is full.

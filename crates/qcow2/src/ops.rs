@@ -55,7 +55,8 @@ pub fn create(path: &Path, format: ImageFormat, opts: &CreateOptions) -> Result<
         }
         let backing = open_backing_for(path, b)?;
         if size == 0 {
-            size = backing.size();
+            // QEMU's block layer counts whole sectors, so an odd-sized raw file rounds up.
+            size = fmt::align_up(backing.size(), 512);
         }
     }
     match format {
