@@ -786,3 +786,36 @@ fn text_output_matches_qemu_img() {
         }
     }
 }
+
+/// `-f raw` is obeyed even when the file looks like qcow2 (a raw disk whose guest wrote
+/// a qcow2 header is still raw), as qemu-img obeys it.
+#[test]
+fn format_flag_is_obeyed_not_guessed() {
+    let dir = tmp();
+    let path = dir.path().join("looks-like-qcow2.img");
+    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&path), "4M"]);
+    let ours = vmsnap(&["info", "-f", "raw", "--output", "json", s(&path)]);
+    assert!(
+        ours.status.success(),
+        "{}",
+        describe("info -f raw", &[], &ours)
+    );
+    let ours: Value = serde_json::from_slice(&ours.stdout).unwrap();
+    assert_eq!(ours["format"], "raw");
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(
+        ours["virtual-size"].as_u64(),
+        Some(size),
+        "raw size is the file size"
+    );
+    let before = std::fs::read(&path).unwrap();
+    let out = vmsnap(&["snapshot", "-c", "x", "-f", "raw", s(&path)]);
+    assert!(
+        !out.status.success(),
+        "internal snapshots of a raw image are refused"
+    );
+    assert!(
+        before == std::fs::read(&path).unwrap(),
+        "the refused snapshot wrote"
+    );
+}

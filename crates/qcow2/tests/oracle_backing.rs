@@ -763,3 +763,33 @@ fn relative_backing_name_from_another_directory() {
         "qemu agrees",
     );
 }
+
+/// A backing file recorded as raw is raw even when its bytes look like qcow2: reads
+/// show the file's bytes (header and all), exactly as QEMU shows them.
+#[test]
+fn raw_backing_that_looks_like_qcow2_stays_raw() {
+    let dir = Scratch::new();
+    let disguised = qcow2_base(&dir, "disguised.img");
+    let size = std::fs::metadata(&disguised).unwrap().len();
+    let overlay = dir.path("overlay.qcow2");
+    let overlay_size = size.div_ceil(512) * 512;
+    create_overlay(
+        &overlay,
+        overlay_size,
+        65536,
+        "disguised.img",
+        ImageFormat::Raw,
+    );
+    let expected = oracle::qemu_read_raw(&overlay, None);
+    assert_eq!(
+        &expected[..4],
+        b"QFI\xfb",
+        "QEMU shows the qcow2 header bytes"
+    );
+    let mut image = engine::open_ro(&overlay);
+    assert_same_bytes(
+        &expected,
+        &engine::read_all(&mut image, overlay_size),
+        "raw backing file read as raw",
+    );
+}
