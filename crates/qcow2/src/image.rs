@@ -177,6 +177,12 @@ pub struct Qcow2Image {
     ranges_overflowed: bool,
     /// The in-memory L1 table points to an L2 table not yet written.
     l1_has_new_l2: bool,
+    /// Tests: writes allowed before every further write fails as if the process died.
+    #[cfg(test)]
+    pub(crate) crash_after_writes: Option<usize>,
+    /// Tests: a simulated crash happened, so nothing more may reach the file (not even on drop).
+    #[cfg(test)]
+    pub(crate) crashed: bool,
 }
 
 /// What a metadata cluster holds, for the overlap checks before writes.
@@ -335,6 +341,10 @@ impl Qcow2Image {
             unsynced_ranges: Vec::new(),
             ranges_overflowed: false,
             l1_has_new_l2: false,
+            #[cfg(test)]
+            crash_after_writes: None,
+            #[cfg(test)]
+            crashed: false,
             backing_name,
             file_len,
             header,
@@ -610,6 +620,18 @@ impl Qcow2Image {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
             });
+        }
+        #[cfg(test)]
+        if let Some(left) = self.crash_after_writes.as_mut() {
+            if *left == 0 {
+                self.crashed = true;
+                return Err(Error::io(
+                    &self.path,
+                    "write (simulated crash)",
+                    std::io::Error::other("simulated crash"),
+                ));
+            }
+            *left -= 1;
         }
         self.file
             .write_all_at(data, offset)
@@ -1876,6 +1898,10 @@ impl Qcow2Image {
 
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
+        #[cfg(test)]
+        if self.crashed {
+            return;
+        }
         if self.writable {
             // Errors cannot be reported from drop; callers who care call flush() first.
             let _ = self.flush();
