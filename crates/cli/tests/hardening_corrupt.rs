@@ -51,8 +51,11 @@ fn put_u32(data: &mut [u8], at: usize, value: u32) {
     data[at..at + 4].copy_from_slice(&value.to_be_bytes());
 }
 
+/// Bytes poked into an image to damage it.
+type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+
 /// The damage done to each case's image, by name.
-fn corruptions() -> Vec<(&'static str, Box<dyn Fn(&mut Vec<u8>)>)> {
+fn corruptions() -> Vec<(&'static str, Damage)> {
     vec![
         (
             "l1-past-eof",

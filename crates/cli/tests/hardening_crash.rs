@@ -147,8 +147,14 @@ impl Checker<'_> {
                 String::from_utf8_lossy(&recover.stderr)
             ));
         }
-        if let Some((name, mark)) = name {
+        if let Some((name, mut mark)) = name {
             if listed.contains(name) {
+                // A QEMU that died before vmsnap looked makes this a snapshot
+                // of a stopped domain: disks only, and a revert boots afresh.
+                let xml = self.lab.ok(&["snapshot-dumpxml", DOMAIN, name]);
+                if xml.contains("<memory snapshot='no'/>") {
+                    mark.ram = String::new();
+                }
                 self.completed.insert(name.to_string(), mark);
             }
         }
@@ -360,6 +366,13 @@ fn sweep(prefix: &str, kind: &[&str], delays_ms: &[u64]) {
             }
         );
         check.after_kill(&what, None);
+        // Done (running at base) or not done (running on as before): the
+        // guest runs either way, never left paused half-way.
+        let state = lab.domain_state(DOMAIN);
+        check.v.check(
+            state == "running",
+            format!("{what}: domain left {state:?} after recovery"),
+        );
         let target = if i % 2 == 0 {
             "base".to_string()
         } else {
@@ -429,6 +442,23 @@ fn sigkill_of_qemu_during_a_snapshot_loses_no_completed_snapshot() {
             );
         }
         check.after_kill(&what, Some((&name, m)));
+        eprintln!(
+            "{what}: vmsnap {}, snapshot {}",
+            if out.status.success() {
+                "succeeded"
+            } else {
+                "failed"
+            },
+            if check.completed.contains_key(&name) {
+                lab.ok(&["snapshot-dumpxml", DOMAIN, &name])
+                    .lines()
+                    .filter(|l| l.contains("<state>") || l.contains("<memory"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            } else {
+                "absent".to_string()
+            }
+        );
         let state = lab.domain_state(DOMAIN);
         check.v.check(
             state == "crashed" || state == "shut off",

@@ -15,17 +15,27 @@ use std::time::Duration;
 use hardening::{qemu_img_check, refusal, DiskDef, Lab, Tmpfs, Violations};
 use vmsnap_testguest::Guest;
 
+/// What the domain looked like before a snapshot attempt, to compare after.
+struct Before<'a> {
+    sources: &'a std::collections::BTreeMap<String, String>,
+    ram: &'a str,
+    paused: bool,
+}
+
 /// Checks every promise of a failed snapshot attempt, recording what broke.
 fn check_failed_cleanly(
     lab: &Lab,
     guest: &mut Guest,
     args: &[&str],
     partial_files: &[&Path],
-    before_sources: &std::collections::BTreeMap<String, String>,
-    ram: &str,
-    paused: bool,
+    before: Before,
     v: &mut Violations,
 ) {
+    let Before {
+        sources: before_sources,
+        ram,
+        paused,
+    } = before;
     let out = lab.run(args);
     if out.status.success() {
         v.record(format!("vmsnap {args:?} succeeded on a full filesystem"));
@@ -146,9 +156,11 @@ fn snapshot_onto_a_full_filesystem_fails_cleanly() {
             &format!("vda,snapshot=external,file={}", overlay.display()),
         ],
         &[&overlay],
-        &sources,
-        "before-enospc",
-        false,
+        Before {
+            sources: &sources,
+            ram: "before-enospc",
+            paused: false,
+        },
         &mut v,
     );
     drop(full);
@@ -173,9 +185,11 @@ fn snapshot_onto_a_full_filesystem_fails_cleanly() {
             &format!("vda,snapshot=external,file={}", overlay.display()),
         ],
         &[&memory, &overlay],
-        &sources,
-        "before-enospc",
-        true,
+        Before {
+            sources: &sources,
+            ram: "before-enospc",
+            paused: true,
+        },
         &mut v,
     );
     drop(paused_fs);
@@ -199,9 +213,11 @@ fn snapshot_onto_a_full_filesystem_fails_cleanly() {
             &format!("vda,snapshot=external,file={}", ok_overlay.display()),
         ],
         &[&memory, &ok_overlay],
-        &sources,
-        "before-enospc",
-        false,
+        Before {
+            sources: &sources,
+            ram: "before-enospc",
+            paused: false,
+        },
         &mut v,
     );
     let free_listing: Vec<_> = fs::read_dir(small.path())

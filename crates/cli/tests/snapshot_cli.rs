@@ -266,6 +266,47 @@ format = "raw"
     assert_eq!(guest.ram_value().unwrap(), "second");
     fs::rename(bench.path("moved.mem"), &memory).unwrap();
 
+    // A memory image that does not fit (ENOSPC on a small tmpfs, where we
+    // may mount one): refused, the disks go back, nothing remains.
+    let small = bench.path("small");
+    fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "tmpfs",
+            small.to_str().unwrap(),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if mounted {
+        let names_before = bench.ok(&["snapshot-list", "cli", "--name"]);
+        let disks_before = bench.ok(&["domblklist", "cli"]);
+        let files_before = bench.files();
+        let memspec = format!("file={}/full.mem,snapshot=external", small.display());
+        bench.refused(
+            &["snapshot-create-as", "cli", "full", "--memspec", &memspec],
+            "full",
+        );
+        let leftovers = fs::read_dir(&small).unwrap().count();
+        let _ = Command::new("umount").arg(&small).status();
+        assert_eq!(
+            leftovers, 0,
+            "partial memory image left on the full file system"
+        );
+        assert_eq!(bench.ok(&["snapshot-list", "cli", "--name"]), names_before);
+        assert_eq!(bench.ok(&["domblklist", "cli"]), disks_before);
+        assert_eq!(
+            bench.files(),
+            files_before,
+            "a failed snapshot left files behind"
+        );
+        assert!(bench.ok(&["list"]).contains("running"));
+        assert_eq!(guest.ram_value().unwrap(), "second");
+    }
+
     // Deleting everything removes the memory image and the snapshots in images.
     assert_eq!(
         bench.ok(&["snapshot-delete", "cli", "s1", "--children"]),

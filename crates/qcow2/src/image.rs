@@ -364,7 +364,6 @@ impl Qcow2Image {
                 ),
             ));
         }
-        img.check_overlaps()?;
         let mut l1_bytes = vec![0u8; img.header.l1_size as usize * 8];
         img.pread(img.header.l1_table_offset, &mut l1_bytes, "L1 table")?;
         img.l1 = fmt::decode_u64_table(&l1_bytes);
@@ -379,6 +378,7 @@ impl Qcow2Image {
         img.rc.table = fmt::decode_u64_table(&rt);
         img.rc.blocks = (0..img.rc.table.len()).map(|_| None).collect();
         img.read_snapshot_table()?;
+        img.check_overlaps()?;
         if let Some(name) = img.backing_name.clone() {
             let target = match backing {
                 BackingPolicy::Ignore => None,
@@ -462,6 +462,7 @@ impl Qcow2Image {
                 h.refcount_table_offset,
                 u64::from(h.refcount_table_clusters) * cs,
             ),
+            ("snapshot table", h.snapshots_offset, self.snapshots_size),
         ];
         for (i, a) in areas.iter().enumerate() {
             for b in &areas[i + 1..] {

@@ -1144,6 +1144,10 @@ impl<'a> Orchestrator<'a> {
                     .migrate_set_capabilities(&[("background-snapshot", false)])
                     .await;
             }
+            if was_running {
+                let _ = qmp.cont().await;
+            }
+            self.unswitch(dom, qmp, &switches, chains).await?;
             return Err(err);
         }
         let mut pause_ms = None;
@@ -1155,7 +1159,19 @@ impl<'a> Orchestrator<'a> {
                     .migrate_set_capabilities(&[("background-snapshot", false)])
                     .await;
             }
-            let info = info?;
+            let info = match info {
+                Ok(info) => info,
+                Err(err) => {
+                    // The memory could not be saved (a full disk, say): put
+                    // the disks back as they were, so nothing of the
+                    // snapshot remains.
+                    if was_running {
+                        let _ = qmp.cont().await;
+                    }
+                    self.unswitch(dom, qmp, &switches, chains).await?;
+                    return Err(err);
+                }
+            };
             // A memory image only counts once it is on disk.
             sync_file(file)?;
             if background {
@@ -1826,6 +1842,67 @@ impl<'a> Orchestrator<'a> {
             qmp.close().await;
         }
         Ok(())
+    }
+
+    /// Undoes a disk switch of a failed external snapshot: each overlay's
+    /// writes since the switch are committed back into the image below it
+    /// (QEMU active commit), the device goes back to that image, and the
+    /// overlay's nodes are released so the file can be removed.
+    async fn unswitch(
+        &self,
+        dom: &Domain,
+        qmp: &Qmp,
+        switches: &[(String, String, PathBuf)],
+        old_chains: &[DiskChain],
+    ) -> Result<()> {
+        for (top, overlay, _) in switches {
+            let job = format!("vmsnap-undo-{overlay}");
+            qmp.execute(
+                "block-commit",
+                Some(json!({"job-id": job, "device": overlay, "base-node": top, "auto-dismiss": false})),
+            )
+            .await
+            .map_err(qmp_error(&dom.name, "block-commit"))?;
+            let deadline = Instant::now() + JOB_TIMEOUT;
+            loop {
+                let jobs = qmp
+                    .query_jobs()
+                    .await
+                    .map_err(qmp_error(&dom.name, "query-jobs"))?;
+                match jobs.iter().find(|j| j.id == job) {
+                    Some(info) if info.status == vmsnap_qmp::JobStatus::Ready => break,
+                    Some(info) if info.status == vmsnap_qmp::JobStatus::Concluded => break,
+                    None => break,
+                    _ if Instant::now() >= deadline => {
+                        return Err(SnapshotError::Conflict(format!(
+                            "undoing the switch of {overlay} in domain {} did not finish",
+                            dom.name
+                        )))
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            let _ = qmp.execute("job-complete", Some(json!({"id": job}))).await;
+            qmp.wait_job(&job, JOB_TIMEOUT)
+                .await
+                .map_err(qmp_error(&dom.name, "block-commit"))?;
+            let _ = qmp
+                .execute("blockdev-del", Some(json!({"node-name": overlay})))
+                .await;
+            let _ = qmp
+                .execute(
+                    "blockdev-del",
+                    Some(json!({"node-name": file_node_name(overlay)})),
+                )
+                .await;
+        }
+        self.snaps.apply(
+            &dom.name,
+            &Change {
+                chains: old_chains.to_vec(),
+                ..Change::default()
+            },
+        )
     }
 
     async fn stream_live(
