@@ -3,6 +3,7 @@
 # QEMU 7.2 (system emulator and qemu-img/qemu-io, installed together so the
 # distribution's qemu-utils replaces any backport), busybox for the test guest,
 # xmllint and libvirt's schemas (libvirt0) to validate our snapshot XML,
+# strace (the crash tests kill vmsnap at its N-th write with fault injection),
 # and builds the test guest (kernel + initramfs) under guest/out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,8 @@ want_qemu() {
     command -v qemu-system-x86_64 >/dev/null 2>&1 \
         && qemu-img --version 2>/dev/null | grep -q 'version 7\.2' \
         && command -v busybox >/dev/null 2>&1 && command -v cpio >/dev/null 2>&1 \
-        && command -v xmllint >/dev/null 2>&1 && [ -f /usr/share/libvirt/schemas/domainsnapshot.rng ]
+        && command -v xmllint >/dev/null 2>&1 && command -v strace >/dev/null 2>&1 \
+        && [ -f /usr/share/libvirt/schemas/domainsnapshot.rng ]
 }
 
 if ! want_qemu; then
@@ -25,7 +27,7 @@ if ! want_qemu; then
     apt-get install -y -qq --no-install-recommends --allow-downgrades \
         qemu-system-x86 qemu-utils/bookworm qemu-block-extra/bookworm \
         busybox-static cpio xz-utils zstd \
-        libxml2-utils libvirt0 >/dev/null
+        libxml2-utils libvirt0 strace >/dev/null
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
