@@ -288,7 +288,7 @@ format = "raw"
         let memspec = format!("file={}/full.mem,snapshot=external", small.display());
         bench.refused(
             &["snapshot-create-as", "cli", "full", "--memspec", &memspec],
-            "full",
+            "space",
         );
         let leftovers = fs::read_dir(&small).unwrap().count();
         let _ = Command::new("umount").arg(&small).status();
