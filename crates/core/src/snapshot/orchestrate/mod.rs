@@ -13,6 +13,7 @@ pub mod model;
 mod offline;
 mod ops;
 pub mod plan;
+mod recover;
 pub mod runtime;
 pub mod spec;
 pub mod store;

@@ -36,7 +36,7 @@ use crate::store::Store;
 const MEMORY_FD_NAME: &str = "vmsnap-memory";
 
 /// How long a snapshot-save/-load/-delete job or a memory save may take.
-const JOB_TIMEOUT: Duration = Duration::from_secs(600);
+pub(super) const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A step's progress, for callers that draw progress bars (the core never prints).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,19 +97,19 @@ pub enum RevertMode {
 }
 
 /// A domain loaded and locked for one operation.
-struct Domain {
-    name: String,
-    config: DomainConfig,
-    paths: DomainPaths,
-    vm: crate::domain::Domain,
-    lock: DomainLock,
+pub(super) struct Domain {
+    pub(super) name: String,
+    pub(super) config: DomainConfig,
+    pub(super) paths: DomainPaths,
+    pub(super) vm: crate::domain::Domain,
+    pub(super) lock: DomainLock,
 }
 
 /// Snapshot operations over one vmsnap installation.
 pub struct Orchestrator<'a> {
-    host: &'a Host,
-    snaps: SnapshotStore<'a>,
-    wait: LockWait,
+    pub(super) host: &'a Host,
+    pub(super) snaps: SnapshotStore<'a>,
+    pub(super) wait: LockWait,
 }
 
 fn io_error(action: &str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
@@ -122,7 +122,7 @@ fn io_error(action: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Snapsho
     }
 }
 
-fn now_unix() -> i64 {
+pub(super) fn now_unix() -> i64 {
     crate::store::now_unix()
 }
 
@@ -152,7 +152,7 @@ impl<'a> Orchestrator<'a> {
         &self.snaps
     }
 
-    fn store(&self) -> &Store {
+    pub(super) fn store(&self) -> &Store {
         self.snaps.store()
     }
 
@@ -160,7 +160,7 @@ impl<'a> Orchestrator<'a> {
         Ok(self.host.domain(domain)?.config().clone())
     }
 
-    fn lock(&self, domain: &str) -> Result<Domain> {
+    pub(super) fn lock(&self, domain: &str) -> Result<Domain> {
         let (lock, vm) = self.host.lock(domain, self.wait)?;
         Ok(Domain {
             name: domain.to_string(),
@@ -172,7 +172,7 @@ impl<'a> Orchestrator<'a> {
     }
 
     /// A monitor connection when the domain's QEMU runs, `None` when it does not.
-    async fn running_qmp(&self, dom: &Domain) -> Result<Option<Qmp>> {
+    pub(super) async fn running_qmp(&self, dom: &Domain) -> Result<Option<Qmp>> {
         match dom.vm.reconcile(self.store(), &dom.lock)? {
             QemuProcess::Alive(_) => Ok(Some(dom.vm.connect_qmp(&dom.lock).await?)),
             QemuProcess::NotRunning | QemuProcess::Gone(_) => Ok(None),
@@ -221,267 +221,6 @@ impl<'a> Orchestrator<'a> {
                 domain: domain.to_string(),
                 name: name.to_string(),
             })
-    }
-
-    /// Finishes or rolls back what a killed vmsnap left on `domain` and
-    /// removes files nothing needs; returns what it did, one line each.
-    pub async fn recover(&self, domain: &str) -> Result<Vec<String>> {
-        let dom = self.lock(domain)?;
-        self.recover_locked(&dom).await
-    }
-
-    async fn recover_locked(&self, dom: &Domain) -> Result<Vec<String>> {
-        let mut notes = Vec::new();
-        let intents = self.snaps.open_intents(&dom.name)?;
-        let qmp = self.running_qmp(dom).await?;
-        if let Some(qmp) = &qmp {
-            if !intents.is_empty() {
-                self.adopt_live_chains(dom, qmp, &mut notes).await?;
-            }
-        }
-        for open in intents {
-            let intent = &open.intent;
-            let mut remaining = Vec::new();
-            let tags = if intent.committed {
-                &intent.doomed_tags
-            } else {
-                &intent.new_tags
-            };
-            for (image, tag) in tags {
-                if let Err(err) = self.delete_tag(dom, qmp.as_ref(), image, tag).await {
-                    remaining.push((image.clone(), tag.clone(), err.to_string()));
-                }
-            }
-            if intent.paused_guest {
-                if let Some(qmp) = &qmp {
-                    let status = qmp
-                        .query_status()
-                        .await
-                        .map_err(qmp_error(&dom.name, "query-status"))?;
-                    if !status.running {
-                        qmp.cont().await.map_err(qmp_error(&dom.name, "cont"))?;
-                        notes.push(format!(
-                            "resumed the guest paused by an interrupted {}",
-                            intent.op.as_str()
-                        ));
-                    }
-                }
-            }
-            if remaining.is_empty() {
-                self.snaps.close(open.id)?;
-                notes.push(format!(
-                    "{} the interrupted {} of snapshot '{}'",
-                    if intent.committed {
-                        "finished"
-                    } else {
-                        "rolled back"
-                    },
-                    intent.op.as_str(),
-                    intent.snapshot
-                ));
-            } else {
-                let mut left = intent.clone();
-                left.committed = true;
-                left.doomed_tags = remaining
-                    .iter()
-                    .map(|(i, t, _)| (i.clone(), t.clone()))
-                    .collect();
-                left.new_tags.clear();
-                left.paused_guest = false;
-                self.snaps.step(open.id, &left)?;
-            }
-        }
-        if let Some(qmp) = qmp {
-            self.release_unneeded_nodes(dom, &qmp).await?;
-            qmp.close().await;
-        }
-        notes.extend(self.collect_garbage(dom)?);
-        Ok(notes)
-    }
-
-    /// Removes from a running QEMU the block nodes an interrupted operation
-    /// added for files nothing needs (so the files can go, and a retry can
-    /// add its nodes again).
-    async fn release_unneeded_nodes(&self, dom: &Domain, qmp: &Qmp) -> Result<()> {
-        let current = chains_of(&self.snaps.chains(&dom.name)?);
-        let snapshots = self.snaps.snapshots(&dom.name)?;
-        let needed = needed_files(&current, &snapshots);
-        let owned: BTreeSet<PathBuf> = self.snaps.owned_files(&dom.name)?.into_iter().collect();
-        let nodes = qmp
-            .query_named_block_nodes()
-            .await
-            .map_err(qmp_error(&dom.name, "query-named-block-nodes"))?;
-        let in_use: BTreeSet<String> = self
-            .snaps
-            .chains(&dom.name)?
-            .iter()
-            .flat_map(|c| c.layers.iter().map(|l| l.node_name.clone()))
-            .collect();
-        let stale: Vec<&vmsnap_qmp::BlockDeviceInfo> = nodes
-            .iter()
-            .filter(|n| {
-                let file = PathBuf::from(&n.file);
-                owned.contains(&file) && !needed.contains(&file) && !in_use.contains(&n.node_name)
-            })
-            .collect();
-        // Format nodes before the protocol nodes they sit on.
-        for node in stale
-            .iter()
-            .filter(|n| n.drv != "file")
-            .chain(stale.iter().filter(|n| n.drv == "file"))
-        {
-            let _ = qmp
-                .execute("blockdev-del", Some(json!({"node-name": node.node_name})))
-                .await;
-        }
-        Ok(())
-    }
-
-    /// Records the chains QEMU really runs on where they differ from the records.
-    async fn adopt_live_chains(
-        &self,
-        dom: &Domain,
-        qmp: &Qmp,
-        notes: &mut Vec<String>,
-    ) -> Result<()> {
-        let recorded = self.snaps.chains(&dom.name)?;
-        let live = super::runtime::live_chains(&dom.name, qmp).await?;
-        let mut change = Change::default();
-        for disk in &recorded {
-            let Some((_, layers)) = live.iter().find(|(t, _)| t == &disk.target) else {
-                continue;
-            };
-            let paths: Vec<&PathBuf> = layers.iter().map(|(_, p)| p).collect();
-            let recorded_paths: Vec<&PathBuf> = disk.layers.iter().map(|l| &l.path).collect();
-            if paths == recorded_paths {
-                continue;
-            }
-            let layers = layers
-                .iter()
-                .map(|(node, path)| {
-                    let known = disk.layers.iter().find(|l| &l.path == path);
-                    crate::disk::DiskLayer {
-                        path: path.clone(),
-                        format: known.map(|l| l.format).unwrap_or(DiskFormat::Qcow2),
-                        node_name: node.clone(),
-                    }
-                })
-                .collect();
-            change.chains.push(DiskChain {
-                target: disk.target.clone(),
-                layers,
-            });
-            notes.push(format!(
-                "disk {} runs on the images QEMU has open; recorded them",
-                disk.target
-            ));
-        }
-        if !change.chains.is_empty() {
-            self.snaps.apply(&dom.name, &change)?;
-        }
-        Ok(())
-    }
-
-    /// Removes files vmsnap made that neither the current state nor any
-    /// snapshot needs; only once no operation is half done.
-    fn collect_garbage(&self, dom: &Domain) -> Result<Vec<String>> {
-        let intents = self.snaps.open_intents(&dom.name)?;
-        if intents.iter().any(|open| !open.intent.committed) {
-            return Ok(Vec::new());
-        }
-        let current = chains_of(&self.snaps.chains(&dom.name)?);
-        let snapshots = self.snaps.snapshots(&dom.name)?;
-        let mut needed = needed_files(&current, &snapshots);
-        needed.extend(dom.config.disks.iter().map(|d| d.file.clone()));
-        let mut removed = Vec::new();
-        let mut notes = Vec::new();
-        for file in self.snaps.owned_files(&dom.name)? {
-            if needed.contains(&file) {
-                continue;
-            }
-            match std::fs::remove_file(&file) {
-                Ok(()) => removed.push(file),
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => removed.push(file),
-                Err(err) => notes.push(format!("cannot remove unused {}: {err}", file.display())),
-            }
-        }
-        self.snaps.disown(&dom.name, &removed)?;
-        Ok(notes)
-    }
-
-    async fn delete_tag(
-        &self,
-        dom: &Domain,
-        qmp: Option<&Qmp>,
-        image: &Path,
-        tag: &str,
-    ) -> Result<()> {
-        if !image.exists() {
-            return Ok(());
-        }
-        if let Some(qmp) = qmp {
-            let chains = self.snaps.chains(&dom.name)?;
-            if let Some(layer) = chains
-                .iter()
-                .filter_map(|c| c.active())
-                .find(|l| l.path == image)
-            {
-                let present = offline::live_has_tag(&dom.name, qmp, &layer.node_name, tag).await?;
-                if present {
-                    enable_discard(qmp, layer).await;
-                    qmp.execute(
-                        "blockdev-snapshot-delete-internal-sync",
-                        Some(json!({"device": layer.node_name, "name": tag})),
-                    )
-                    .await
-                    .map_err(qmp_error(
-                        &dom.name,
-                        "blockdev-snapshot-delete-internal-sync",
-                    ))?;
-                }
-                return Ok(());
-            }
-            // A backing layer QEMU has open read-only: make it writable for
-            // the moment of the delete (QEMU's lock keeps the engine out).
-            for chain in &chains {
-                let Some(depth) = chain.layers.iter().position(|l| l.path == image) else {
-                    continue;
-                };
-                let layer = &chain.layers[depth];
-                if !offline::live_has_tag(&dom.name, qmp, &layer.node_name, tag).await? {
-                    return Ok(());
-                }
-                let backing = chain.layers.get(depth + 1).map(|l| l.node_name.clone());
-                let reopen = |read_only: bool| {
-                    json!({"options": [
-                        {"driver": "file", "node-name": file_node_name(&layer.node_name),
-                         "filename": layer.path, "read-only": read_only, "discard": "unmap"},
-                        {"driver": layer.format.as_str(), "node-name": layer.node_name,
-                         "file": file_node_name(&layer.node_name), "backing": backing,
-                         "read-only": read_only},
-                    ]})
-                };
-                qmp.execute("blockdev-reopen", Some(reopen(false)))
-                    .await
-                    .map_err(qmp_error(&dom.name, "blockdev-reopen"))?;
-                let job = format!("vmsnap-delete-{}", now_unix());
-                let deleted = match qmp
-                    .execute(
-                        "snapshot-delete",
-                        Some(json!({"job-id": job, "tag": tag, "devices": [layer.node_name]})),
-                    )
-                    .await
-                {
-                    Ok(_) => qmp.wait_job(&job, JOB_TIMEOUT).await,
-                    Err(err) => Err(err),
-                };
-                let restored = qmp.execute("blockdev-reopen", Some(reopen(true))).await;
-                deleted.map_err(qmp_error(&dom.name, "snapshot-delete"))?;
-                restored.map_err(qmp_error(&dom.name, "blockdev-reopen"))?;
-                return Ok(());
-            }
-        }
-        offline::delete_tag_if_present(image, tag)
     }
 
     /// `snapshot-create-as`.
@@ -662,7 +401,7 @@ impl<'a> Orchestrator<'a> {
                 .and_then(|d| d.file.clone());
             let file = match explicit {
                 Some(file) => {
-                    if file.exists() || taken.contains(&file) {
+                    if path_taken(&file) || taken.contains(&file) {
                         return Err(SnapshotError::FileExists {
                             what: format!("overlay for disk {}", chain.target),
                             path: file,
@@ -688,7 +427,7 @@ impl<'a> Orchestrator<'a> {
         let memory_file = if want_memory {
             match request.memspec.as_ref().and_then(|m| m.file.clone()) {
                 Some(file) => {
-                    if file.exists() || taken.contains(&file) {
+                    if path_taken(&file) || taken.contains(&file) {
                         return Err(SnapshotError::FileExists {
                             what: "memory image".into(),
                             path: file,
@@ -872,6 +611,7 @@ impl<'a> Orchestrator<'a> {
         let mut intent = Intent::new(Operation::Create, &name);
         self.snaps.own(&dom.name, &files)?;
         let id = self.snaps.begin(&dom.name, &intent)?;
+        let mut undo = ExternalUndo::default();
         let result = self
             .create_external_steps(
                 dom,
@@ -884,9 +624,10 @@ impl<'a> Orchestrator<'a> {
                 progress,
                 id,
                 &mut intent,
+                &mut undo,
             )
             .await;
-        match result {
+        let err = match result {
             Ok((storage, new_chains, outcome)) => {
                 let change = Change {
                     put: vec![(meta.clone(), storage)],
@@ -894,45 +635,113 @@ impl<'a> Orchestrator<'a> {
                     chains: new_chains,
                     ..Change::default()
                 };
-                self.snaps
-                    .commit(&dom.name, id, Operation::Create, &change, None)?;
-                Ok(outcome)
-            }
-            Err(err) => {
-                // Undo what can be undone; the overlays and memory image are
-                // removed by the garbage collection unless QEMU writes to them.
-                if intent.paused_guest {
-                    if let Some(qmp) = qmp {
-                        let _ = qmp.cont().await;
-                    }
+                match self
+                    .snaps
+                    .commit(&dom.name, id, Operation::Create, &change, None)
+                {
+                    Ok(()) => return Ok(outcome),
+                    Err(err) => err,
                 }
-                if let Some(qmp) = qmp {
+            }
+            Err(err) => err,
+        };
+        let undone = self
+            .undo_external(dom, qmp, chains, &files, running, &undo)
+            .await;
+        self.snaps.close(id)?;
+        match undone {
+            Ok(()) => Err(err),
+            Err(undo_err) => Err(SnapshotError::Conflict(format!(
+                "{err}; putting domain {} back failed too: {undo_err}",
+                dom.name
+            ))),
+        }
+    }
+
+    /// Puts everything back after a failed external snapshot: the guest's
+    /// run state, its disks (active commit of the new overlays), the block
+    /// nodes the attempt added, and the files it made; nothing of the
+    /// attempt stays recorded. Files QEMU still writes to (only when the
+    /// disks could not be put back) stay, recorded as the live chain.
+    async fn undo_external(
+        &self,
+        dom: &Domain,
+        qmp: Option<&Qmp>,
+        old_chains: &[DiskChain],
+        planned: &[PathBuf],
+        running: Option<bool>,
+        undo: &ExternalUndo,
+    ) -> Result<()> {
+        let mut outcome = Ok(());
+        // Overlays QEMU may still write to, whatever the records say.
+        let mut kept: BTreeSet<PathBuf> = BTreeSet::new();
+        if let Some(qmp) = qmp {
+            if undo.background {
+                let _ = qmp
+                    .migrate_set_capabilities(&[("background-snapshot", false)])
+                    .await;
+            }
+            if let Err(err) = restore_run_state(&dom.name, qmp, running == Some(true)).await {
+                outcome = Err(err);
+            }
+            if !undo.switched.is_empty() {
+                if let Err(err) = self.unswitch(dom, qmp, &undo.switched, old_chains).await {
                     let mut notes = Vec::new();
                     let _ = self.adopt_live_chains(dom, qmp, &mut notes).await;
-                    for (target, file) in disks {
-                        let node = node_name_for(target, file);
-                        let in_use = self
-                            .snaps
-                            .chains(&dom.name)?
-                            .iter()
-                            .any(|c| c.layers.iter().any(|l| &l.path == file));
-                        if !in_use {
-                            let _ = qmp
-                                .execute("blockdev-del", Some(json!({"node-name": node})))
-                                .await;
-                            let _ = qmp
-                                .execute(
-                                    "blockdev-del",
-                                    Some(json!({"node-name": file_node_name(&node)})),
-                                )
-                                .await;
-                        }
-                    }
+                    kept.extend(undo.switched.iter().map(|(_, _, file)| file.clone()));
+                    outcome = outcome.and(Err(err));
                 }
-                self.snaps.close(id)?;
-                Err(err)
+            }
+            let recorded = self.snaps.chains(&dom.name)?;
+            for node in &undo.added_nodes {
+                let in_use = recorded
+                    .iter()
+                    .any(|c| c.layers.iter().any(|l| &l.node_name == node));
+                if !in_use {
+                    let _ = qmp
+                        .execute("blockdev-del", Some(json!({"node-name": node})))
+                        .await;
+                    let _ = qmp
+                        .execute(
+                            "blockdev-del",
+                            Some(json!({"node-name": file_node_name(node)})),
+                        )
+                        .await;
+                }
             }
         }
+        kept.extend(
+            self.snaps
+                .chains(&dom.name)?
+                .iter()
+                .flat_map(|c| c.layers.iter().map(|l| l.path.clone())),
+        );
+        for file in &undo.created {
+            if kept.contains(file) {
+                continue;
+            }
+            match std::fs::remove_file(file) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    kept.insert(file.clone());
+                    outcome = outcome.and(Err(SnapshotError::Io {
+                        action: "cannot remove".into(),
+                        path: file.clone(),
+                        source: err,
+                    }));
+                }
+            }
+        }
+        // What stays is still vmsnap's to clean up later; a planned file
+        // this attempt never made is not vmsnap's, so it is released too.
+        let released: Vec<PathBuf> = planned
+            .iter()
+            .filter(|f| !kept.contains(*f))
+            .cloned()
+            .collect();
+        self.snaps.disown(&dom.name, &released)?;
+        outcome
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -948,6 +757,7 @@ impl<'a> Orchestrator<'a> {
         progress: ProgressFn<'_>,
         id: i64,
         intent: &mut Intent,
+        undo: &mut ExternalUndo,
     ) -> Result<(SnapshotStorage, Vec<DiskChain>, CreateOutcome)> {
         let name = meta.name.clone();
         let mut storage = SnapshotStorage::default();
@@ -981,6 +791,7 @@ impl<'a> Orchestrator<'a> {
                 None => offline::virtual_size(&Layer::new(active.path.clone(), active.format))?,
             };
             offline::create_overlay(file, &Layer::new(active.path.clone(), active.format), size)?;
+            undo.created.push(file.clone());
             let node = node_name_for(&chain.target, file);
             let frozen = chain_of(chain);
             storage.disks.insert(
@@ -1009,18 +820,13 @@ impl<'a> Orchestrator<'a> {
             new_chains.push(new_chain);
             switches.push((active.node_name.clone(), node, file.clone()));
         }
-        if let Some(file) = memory_file {
-            if let Some(parent) = file.parent() {
-                create_private_dir(parent)?;
-            }
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode_private()
-                .open(file)
-                .map_err(io_error("cannot create memory image", file))?;
-        }
         let Some(qmp) = qmp else {
+            if memory_file.is_some() {
+                return Err(SnapshotError::Unsupported(format!(
+                    "domain {} is not running: there is no memory to save",
+                    dom.name
+                )));
+            }
             meta.state = SnapshotState::Shutoff;
             meta.validate()
                 .map_err(|e| SnapshotError::Invalid(e.to_string()))?;
@@ -1033,11 +839,34 @@ impl<'a> Orchestrator<'a> {
             };
             return Ok((storage, new_chains, outcome));
         };
+        // The memory image gets all the room its stream can take before
+        // anything is paused or switched: QEMU 7.2 never lifts the write
+        // protection of a background snapshot that fails mid-stream, which
+        // freezes the guest for good, so a full disk must refuse here.
+        let memory_image = match memory_file {
+            Some(file) => {
+                if let Some(parent) = file.parent() {
+                    create_private_dir(parent)?;
+                }
+                let bound = memory_stream_bound(dom, qmp).await;
+                let image = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode_private()
+                    .open(file)
+                    .map_err(io_error("cannot create memory image", file))?;
+                undo.created.push(file.to_path_buf());
+                reserve_memory_image(&dom.name, file, &image, bound)?;
+                Some(image)
+            }
+            None => None,
+        };
         // 2. Open the overlays in QEMU, with no backing (the transaction links them).
         for (_, node, file) in &switches {
             let path = file.to_str().ok_or_else(|| {
                 SnapshotError::Invalid(format!("overlay path {} is not UTF-8", file.display()))
             })?;
+            undo.added_nodes.push(node.clone());
             qmp.execute(
                 "blockdev-add",
                 Some(
@@ -1072,6 +901,7 @@ impl<'a> Orchestrator<'a> {
                     .await;
             }
         }
+        undo.background = background;
         // 3. The paused window is journalled as one step before it starts,
         // so nothing waits for the store while the guest is stopped: stop,
         // switch every disk in one transaction, start the memory save (with
@@ -1096,19 +926,9 @@ impl<'a> Orchestrator<'a> {
             .iter()
             .map(|(top, overlay, _)| json!({"type": "blockdev-snapshot", "data": {"node": top, "overlay": overlay}}))
             .collect();
-        let memory_handle = match memory_file {
-            Some(file) => Some(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .truncate(true)
-                    .open(file)
-                    .map_err(io_error("cannot open memory image", file))?,
-            ),
-            None => None,
-        };
         let mut monitor = FdMonitor::connect(&dom.name, &dom.paths.query_socket)?;
-        if let Some(handle) = &memory_handle {
-            monitor.pass_fd(MEMORY_FD_NAME, handle)?;
+        if let Some(image) = &memory_image {
+            monitor.pass_fd(MEMORY_FD_NAME, image)?;
         }
         if was_running {
             monitor.execute("stop", Value::Null)?;
@@ -1117,17 +937,21 @@ impl<'a> Orchestrator<'a> {
         let switched = monitor.execute("transaction", json!({"actions": actions}));
         failpoint(Operation::Create, "switched");
         if let Err(err) = switched {
-            if memory_handle.is_some() {
+            if memory_image.is_some() {
                 let _ = monitor.execute("closefd", json!({"fdname": MEMORY_FD_NAME}));
             }
             return Err(err);
         }
-        let started = match memory_handle {
+        undo.switched = switches.clone();
+        let started = match memory_image {
             Some(_) => monitor
                 .execute("migrate", json!({"uri": format!("fd:{MEMORY_FD_NAME}")}))
                 .map(|_| ()),
             None => Ok(()),
         };
+        if started.is_err() {
+            let _ = monitor.execute("closefd", json!({"fdname": MEMORY_FD_NAME}));
+        }
         drop(monitor);
         // QEMU writes to the overlays now: record the chains (a recovery
         // would adopt them from QEMU, too).
@@ -1138,42 +962,20 @@ impl<'a> Orchestrator<'a> {
                 ..Change::default()
             },
         )?;
-        if let Err(err) = started {
-            if background {
-                let _ = qmp
-                    .migrate_set_capabilities(&[("background-snapshot", false)])
-                    .await;
-            }
-            if was_running {
-                let _ = qmp.cont().await;
-            }
-            self.unswitch(dom, qmp, &switches, chains).await?;
-            return Err(err);
-        }
+        started?;
         let mut pause_ms = None;
-        if let Some(file) = memory_file {
+        if let (Some(file), Some(image)) = (memory_file, &memory_image) {
             let info =
-                wait_migration_with_progress(&dom.name, qmp, "saving memory", progress).await;
+                wait_migration_with_progress(&dom.name, qmp, "saving memory", progress).await?;
             if background {
                 let _ = qmp
                     .migrate_set_capabilities(&[("background-snapshot", false)])
                     .await;
+                undo.background = false;
             }
-            let info = match info {
-                Ok(info) => info,
-                Err(err) => {
-                    // The memory could not be saved (a full disk, say): put
-                    // the disks back as they were, so nothing of the
-                    // snapshot remains.
-                    if was_running {
-                        let _ = qmp.cont().await;
-                    }
-                    self.unswitch(dom, qmp, &switches, chains).await?;
-                    return Err(err);
-                }
-            };
-            // A memory image only counts once it is on disk.
-            sync_file(file)?;
+            // A memory image only counts once it is on disk, without the
+            // room reserved beyond the stream.
+            finish_memory_image(file, image)?;
             if background {
                 pause_ms = pause_from_events(&mut events);
                 intent.paused_guest = false;
@@ -1220,6 +1022,173 @@ impl<'a> Orchestrator<'a> {
         };
         Ok((storage, new_chains, outcome))
     }
+}
+
+/// What a failed external snapshot has to undo.
+#[derive(Default)]
+struct ExternalUndo {
+    /// Files this attempt created (overlays, the memory image).
+    created: Vec<PathBuf>,
+    /// Overlay format nodes added to QEMU (each on its file node).
+    added_nodes: Vec<String>,
+    /// (old top node, overlay node, overlay file) of every disk the
+    /// transaction switched.
+    switched: Vec<(String, String, PathBuf)>,
+    /// Whether QEMU's background-snapshot capability was turned on.
+    background: bool,
+}
+
+/// Brings the guest back to running (`was_running`) or paused after a
+/// failed snapshot, re-activating images a completed migration left inactive.
+async fn restore_run_state(domain: &str, qmp: &Qmp, was_running: bool) -> Result<()> {
+    let status = qmp
+        .query_status()
+        .await
+        .map_err(qmp_error(domain, "query-status"))?;
+    if status.status == QemuRunState::PostMigrate || (was_running && !status.running) {
+        qmp.cont().await.map_err(qmp_error(domain, "cont"))?;
+    }
+    let status = qmp
+        .query_status()
+        .await
+        .map_err(qmp_error(domain, "query-status"))?;
+    if !was_running && status.running {
+        qmp.stop().await.map_err(qmp_error(domain, "stop"))?;
+    }
+    Ok(())
+}
+
+/// Room kept in a memory image for device state beyond the RAM pages.
+const DEVICE_STATE_ROOM: u64 = 32 << 20;
+
+/// An upper bound of the bytes QEMU writes when it saves the domain's
+/// memory: every page of every RAM block (guest RAM, video memory, ROMs)
+/// with its page header and block name, plus room for the device state.
+async fn memory_stream_bound(dom: &Domain, qmp: &Qmp) -> u64 {
+    const PAGE: u64 = 4096;
+    let listing = qmp
+        .execute(
+            "human-monitor-command",
+            Some(json!({"command-line": "info ramblock"})),
+        )
+        .await;
+    let blocks = match &listing {
+        Ok(Value::String(text)) => ram_blocks(text),
+        _ => Vec::new(),
+    };
+    if blocks.is_empty() {
+        // QEMU did not list its RAM blocks: the configured RAM plus
+        // generous room for video memory and ROMs.
+        let ram = dom.config.memory_mib << 20;
+        return ram + ram / 16 + (256 << 20);
+    }
+    let longest_name = blocks
+        .iter()
+        .map(|(n, _)| n.len() as u64)
+        .max()
+        .unwrap_or(0);
+    let pages: u64 = blocks.iter().map(|(_, used)| used.div_ceil(PAGE)).sum();
+    // Each page: an 8-byte header, at worst the block's name (length byte
+    // and text), and the page itself.
+    pages * (PAGE + 8 + 1 + longest_name) + DEVICE_STATE_ROOM
+}
+
+/// The (name, used bytes) of every RAM block in HMP's `info ramblock`
+/// table ("Block Name  PSize  Offset  Used  Total ...", numbers in hex).
+fn ram_blocks(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let tokens: Vec<&str> = line.split_whitespace().collect();
+            let offset = tokens.iter().position(|t| t.starts_with("0x"))?;
+            let used = tokens.get(offset + 1)?.strip_prefix("0x")?;
+            let used = u64::from_str_radix(used, 16).ok()?;
+            Some((tokens.first()?.to_string(), used))
+        })
+        .collect()
+}
+
+/// Reserves `bytes` for the memory image `file` (open as `image`), so its
+/// stream can never fail for lack of space; refuses in one line saying how
+/// much room is missing.
+fn reserve_memory_image(
+    domain: &str,
+    file: &Path,
+    image: &std::fs::File,
+    bytes: u64,
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = file.parent().unwrap_or(Path::new("/"));
+    let free = free_bytes(dir);
+    let len = libc::off_t::try_from(bytes).unwrap_or(libc::off_t::MAX);
+    // SAFETY: posix_fallocate only uses the descriptor, valid while `image` lives.
+    let rc = unsafe { libc::posix_fallocate(image.as_raw_fd(), 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    let source = if matches!(rc, libc::ENOSPC | libc::EDQUOT | libc::EFBIG) {
+        std::io::Error::other(
+            format!(
+                "no space left on {} for the memory image of domain {domain}: need {} MiB, {} MiB free; \
+                 free some space or choose another --memspec file",
+                dir.display(),
+                mib(bytes),
+                free.map_or_else(|| "?".to_string(), |f| mib(f).to_string()),
+            ),
+        )
+    } else {
+        std::io::Error::from_raw_os_error(rc)
+    };
+    Err(SnapshotError::Io {
+        action: "cannot reserve room for memory image".into(),
+        path: file.to_path_buf(),
+        source,
+    })
+}
+
+/// The bytes an unprivileged writer may still use on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data, filled in by the call.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `stat` a valid out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    // The field types differ between targets (u32 on some 32-bit ones).
+    #[allow(clippy::useless_conversion)]
+    let free = u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize));
+    Some(free)
+}
+
+/// Cuts a saved memory image to the stream QEMU wrote through the shared
+/// descriptor (dropping the reserved room past it) and makes it durable.
+fn finish_memory_image(file: &Path, image: &std::fs::File) -> Result<()> {
+    use std::io::Seek;
+    let mut handle = image;
+    let written = handle
+        .stream_position()
+        .map_err(io_error("cannot read the length of memory image", file))?;
+    if written == 0 {
+        return Err(SnapshotError::Conflict(format!(
+            "QEMU wrote nothing to memory image {}",
+            file.display()
+        )));
+    }
+    image
+        .set_len(written)
+        .map_err(io_error("cannot trim memory image", file))?;
+    image
+        .sync_all()
+        .map_err(io_error("cannot write to disk", file))?;
+    if let Some(dir) = file.parent() {
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
 }
 
 /// What a revert did.
@@ -2057,7 +2026,7 @@ async fn live_delete_tags(
 /// Lets the clusters QEMU frees in a layer reach its file as holes, so
 /// deleted snapshots really give their storage back (QEMU ignores discards
 /// unless the protocol node has `discard=unmap`). Best effort.
-async fn enable_discard(qmp: &Qmp, layer: &crate::disk::DiskLayer) {
+pub(super) async fn enable_discard(qmp: &Qmp, layer: &crate::disk::DiskLayer) {
     let _ = qmp
         .execute(
             "blockdev-reopen",
@@ -2168,6 +2137,15 @@ fn unique_file(dir: &Path, stem: &str, ext: &str, taken: &BTreeSet<PathBuf>) -> 
     candidate
 }
 
+/// Whether a name is in use, a dangling symlink included: a file vmsnap
+/// creates must not appear through a link somewhere the user did not name.
+fn path_taken(path: &Path) -> bool {
+    !matches!(
+        std::fs::symlink_metadata(path),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound
+    )
+}
+
 /// Writes back the host's cached data of the file system holding `path`
 /// (best effort: only a shorter pause depends on it).
 fn sync_filesystem(path: &Path) {
@@ -2177,19 +2155,6 @@ fn sync_filesystem(path: &Path) {
         // SAFETY: syncfs only reads the descriptor, valid while `handle` lives.
         unsafe { libc::syncfs(handle.as_raw_fd()) };
     }
-}
-
-/// Makes a finished file durable (its data and its directory entry).
-fn sync_file(path: &Path) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(io_error("cannot open", path))?;
-    file.sync_all()
-        .map_err(io_error("cannot write to disk", path))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(dir) = std::fs::File::open(dir) {
-            let _ = dir.sync_all();
-        }
-    }
-    Ok(())
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {
