@@ -7,11 +7,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use vmsnap_qcow2::{BackingPolicy, OpenOptions, Qcow2Image, RepairMode};
+use vmsnap_qcow2::{BackingPolicy, RepairMode};
 
-use common::oracle;
 use common::raw::{self, Header, COMPRESSED_FLAG, COPIED_FLAG, L1_OFFSET_MASK};
 use common::Scratch;
+use common::{engine, oracle};
 
 /// 4 MiB, 4 KiB clusters, v3: plain, compressed and zero clusters, one snapshot
 /// ("test") sharing most of them, and two clusters rewritten after it (private again).
@@ -66,15 +66,9 @@ fn differential(what: &str, parity: Parity, poke: impl Fn(&Path, &Header)) {
         common::assert_check_agrees_with_qemu(&ours, what);
     } else {
         let before = common::read_file(&ours);
-        let report = Qcow2Image::open(
-            &ours,
-            OpenOptions {
-                writable: false,
-                backing: BackingPolicy::Ignore,
-            },
-        )
-        .and_then(|mut image| image.check(None))
-        .unwrap_or_else(|e| panic!("{what}: qemu-img can check this image, we cannot: {e}"));
+        let report = engine::try_open(&ours, false, BackingPolicy::Ignore)
+            .and_then(|mut image| image.check(None))
+            .unwrap_or_else(|e| panic!("{what}: qemu-img can check this image, we cannot: {e}"));
         common::assert_unchanged(&before, &ours, what);
         // 0 clean, 3 leaks only, 1 or 2 damaged (qemu-img says "check failed" where it
         // cannot read refcounts at all; reporting the damage itself is as good).
@@ -89,14 +83,8 @@ fn differential(what: &str, parity: Parity, poke: impl Fn(&Path, &Header)) {
 
     let _ = oracle::qemu_img(&["check", "-r", "all", theirs.to_str().unwrap()]);
     let after_theirs = oracle::qemu_check(&theirs);
-    let mut image = Qcow2Image::open(
-        &ours,
-        OpenOptions {
-            writable: true,
-            backing: BackingPolicy::Ignore,
-        },
-    )
-    .unwrap_or_else(|e| panic!("{what}: open for repair (qemu-img can repair it): {e}"));
+    let mut image = engine::try_open(&ours, true, BackingPolicy::Ignore)
+        .unwrap_or_else(|e| panic!("{what}: open for repair (qemu-img can repair it): {e}"));
     let _ = image.check(Some(RepairMode::All));
     drop(image);
     let after_ours = oracle::qemu_check(&ours);
@@ -232,14 +220,8 @@ fn snapshot_l1_table_too_large_is_reported() {
         raw::poke_u32(path, entry + 8, 0x1000_0000);
     });
     let before = common::read_file(&ours);
-    let verdict = Qcow2Image::open(
-        &ours,
-        OpenOptions {
-            writable: false,
-            backing: BackingPolicy::Ignore,
-        },
-    )
-    .and_then(|mut image| image.check(None));
+    let verdict = engine::try_open(&ours, false, BackingPolicy::Ignore)
+        .and_then(|mut image| image.check(None));
     match verdict {
         Ok(report) => assert!(report.corruptions > 0, "not reported: {report:?}"),
         Err(e) => {

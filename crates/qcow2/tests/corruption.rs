@@ -8,11 +8,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use vmsnap_qcow2::{BackingPolicy, OpenOptions, Qcow2Image, RepairMode};
+use vmsnap_qcow2::{BackingPolicy, CheckReport, Qcow2Image, RepairMode};
 
-use common::oracle;
 use common::raw::{self, field, Header, COPIED_FLAG};
 use common::{assert_same_bytes, Scratch};
+use common::{engine, oracle};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -29,27 +29,13 @@ fn qemu_image(scratch: &Scratch, name: &str, with_snapshot: bool) -> PathBuf {
 }
 
 fn try_open(path: &Path, writable: bool) -> Result<Qcow2Image, String> {
-    Qcow2Image::open(
-        path,
-        OpenOptions {
-            writable,
-            backing: BackingPolicy::Ignore,
-        },
-    )
-    .map_err(|e| e.to_string())
+    engine::try_open(path, writable, BackingPolicy::Ignore).map_err(|e| e.to_string())
 }
 
 /// The error message contract: one line, naming the image file.
 fn assert_one_line_naming(message: &str, path: &Path, what: &str) {
-    assert!(
-        !message.contains('\n'),
-        "{what}: error message spans lines: {message:?}"
-    );
     let file_name = path.file_name().unwrap().to_string_lossy();
-    assert!(
-        message.contains(&*file_name),
-        "{what}: error message does not name the image {file_name}: {message:?}"
-    );
+    common::assert_one_line_error(message, &[&file_name], what);
 }
 
 /// Both read-write and read-only opens must be refused, with nothing written.
@@ -77,20 +63,22 @@ fn refuse_after(with_snapshot: bool, what: &str, poke: impl FnOnce(&Path, &Heade
     assert_refused(&path, what);
 }
 
+/// Cuts (or grows) the file to `len` bytes.
+fn set_file_len(path: &Path, len: u64) {
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.set_len(len).unwrap();
+}
+
 #[test]
 fn truncated_inside_header() {
     refuse_after(false, "file truncated to 50 bytes", |path, _| {
-        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        file.set_len(50).unwrap();
+        set_file_len(path, 50);
     });
 }
 
 #[test]
 fn empty_file() {
-    refuse_after(false, "empty file", |path, _| {
-        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        file.set_len(0).unwrap();
-    });
+    refuse_after(false, "empty file", |path, _| set_file_len(path, 0));
 }
 
 #[test]
@@ -98,10 +86,7 @@ fn truncated_before_l1_table() {
     refuse_after(
         false,
         "file truncated before its L1 table",
-        |path, header| {
-            let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-            file.set_len(header.l1_table_offset).unwrap();
-        },
+        |path, header| set_file_len(path, header.l1_table_offset),
     );
 }
 
@@ -418,6 +403,23 @@ fn fails_on_use(
     common::assert_unchanged(&before, &path, what);
 }
 
+/// The guest-data uses of a damaged L1/L2 entry at guest offset 0: a read and a write.
+fn read_and_write_fail(image: &mut Qcow2Image) -> Vec<(&'static str, bool)> {
+    let mut buf = vec![0; 512];
+    vec![
+        ("read", image.read_at(0, &mut buf).is_err()),
+        ("write", image.write_at(0, &[1; 512]).is_err()),
+    ]
+}
+
+/// The uses of a damaged snapshot entry: applying and deleting snapshot "test".
+fn apply_and_delete_fail(image: &mut Qcow2Image) -> Vec<(&'static str, bool)> {
+    vec![
+        ("apply", image.apply_snapshot("test").is_err()),
+        ("delete", image.delete_snapshot("test").is_err()),
+    ]
+}
+
 #[test]
 fn l2_entry_with_huge_compressed_offset() {
     fails_on_use(
@@ -427,13 +429,7 @@ fn l2_entry_with_huge_compressed_offset() {
             let l2 = header.l2_offset(path, 0);
             raw::poke_u64(path, l2, 0xbfff_ffff_ffff_0000);
         },
-        |image| {
-            let mut buf = vec![0; 512];
-            vec![
-                ("read", image.read_at(0, &mut buf).is_err()),
-                ("write", image.write_at(0, &[1; 512]).is_err()),
-            ]
-        },
+        read_and_write_fail,
     );
 }
 
@@ -446,13 +442,7 @@ fn l2_entry_past_end_of_file() {
             let l2 = header.l2_offset(path, 0);
             raw::poke_u64(path, l2, 0x8000_00ff_ffff_0000);
         },
-        |image| {
-            let mut buf = vec![0; 512];
-            vec![
-                ("read", image.read_at(0, &mut buf).is_err()),
-                ("write", image.write_at(0, &[1; 512]).is_err()),
-            ]
-        },
+        read_and_write_fail,
     );
 }
 
@@ -466,13 +456,7 @@ fn l2_entry_unaligned() {
             let entry = raw::peek_u64(path, l2);
             raw::poke_u64(path, l2, entry + 0x200);
         },
-        |image| {
-            let mut buf = vec![0; 512];
-            vec![
-                ("read", image.read_at(0, &mut buf).is_err()),
-                ("write", image.write_at(0, &[1; 512]).is_err()),
-            ]
-        },
+        read_and_write_fail,
     );
 }
 
@@ -484,13 +468,7 @@ fn l1_entry_past_end_of_file() {
         |path, header| {
             raw::poke_u64(path, header.l1_table_offset, COPIED_FLAG | 0x00ff_ffff_0000);
         },
-        |image| {
-            let mut buf = vec![0; 512];
-            vec![
-                ("read", image.read_at(0, &mut buf).is_err()),
-                ("write", image.write_at(0, &[1; 512]).is_err()),
-            ]
-        },
+        read_and_write_fail,
     );
 }
 
@@ -519,12 +497,7 @@ fn snapshot_l1_table_offset_invalid() {
             let entry = raw::snapshot_entry_offset(path, 0);
             raw::poke_u64(path, entry, 0x0040_0200);
         },
-        |image| {
-            vec![
-                ("apply", image.apply_snapshot("test").is_err()),
-                ("delete", image.delete_snapshot("test").is_err()),
-            ]
-        },
+        apply_and_delete_fail,
     );
 }
 
@@ -537,12 +510,7 @@ fn snapshot_l1_table_size_huge() {
             let entry = raw::snapshot_entry_offset(path, 0);
             raw::poke_u32(path, entry + 8, 0x1000_0000);
         },
-        |image| {
-            vec![
-                ("apply", image.apply_snapshot("test").is_err()),
-                ("delete", image.delete_snapshot("test").is_err()),
-            ]
-        },
+        apply_and_delete_fail,
     );
 }
 
@@ -555,12 +523,7 @@ fn snapshot_l1_table_past_end_of_file() {
             let entry = raw::snapshot_entry_offset(path, 0);
             raw::poke_u64(path, entry, 0x00ff_ffff_0000);
         },
-        |image| {
-            vec![
-                ("apply", image.apply_snapshot("test").is_err()),
-                ("delete", image.delete_snapshot("test").is_err()),
-            ]
-        },
+        apply_and_delete_fail,
     );
 }
 
@@ -614,6 +577,46 @@ fn open_rw(path: &Path) -> Qcow2Image {
     try_open(path, true).unwrap_or_else(|e| panic!("open for check: {e}"))
 }
 
+/// Requires `qemu-img check` to exit with `code` (2: corruptions, 3: leaks only), so
+/// a test knows its poke made the damage it meant to.
+fn assert_qemu_check_exit(path: &Path, code: i32, what: &str) {
+    assert_eq!(oracle::qemu_check(path).exit_code, code, "{what}");
+}
+
+/// Our check without repair: returns its report and requires that it wrote nothing.
+fn check_without_repair(path: &Path) -> CheckReport {
+    let before = common::read_file(path);
+    let report = open_rw(path).check(None).expect("check without repair");
+    common::assert_unchanged(&before, path, "check without -r wrote to the image");
+    report
+}
+
+/// Our check with `mode` repairs; `qemu-img check` must then be clean.
+fn repair(path: &Path, mode: RepairMode) {
+    let what = match mode {
+        RepairMode::Leaks => "check -r leaks",
+        RepairMode::All => "check -r all",
+    };
+    open_rw(path).check(Some(mode)).expect(what);
+    oracle::assert_qemu_check_clean(path, &format!("after {what}"));
+}
+
+/// After a repair, a write over guest cluster `offset` (4 KiB) must copy a shared
+/// cluster rather than change snapshot "base", whose bytes were `snapshot_before`.
+fn write_keeps_snapshot(path: &Path, offset: u64, fill: u8, snapshot_before: &[u8], what: &str) {
+    let mut image = open_rw(path);
+    image
+        .write_at(offset, &[fill; 4096])
+        .expect("write after repair");
+    drop(image);
+    oracle::assert_qemu_check_clean(path, "write after repair");
+    assert_same_bytes(
+        snapshot_before,
+        &oracle::qemu_read_raw(path, Some("base")),
+        what,
+    );
+}
+
 /// Host offset of the data cluster behind guest offset `guest` (active L1, L2 table 0).
 fn data_cluster(path: &Path, header: &Header, guest: u64) -> u64 {
     let l2 = header.l2_offset(path, 0);
@@ -634,15 +637,10 @@ fn raised_refcount_is_a_leak_repaired_by_r_leaks() {
         "guest cluster 0 is shared"
     );
     header.set_refcount(&path, cluster, 5);
-    assert_eq!(
-        oracle::qemu_check(&path).exit_code,
-        3,
-        "qemu-img sees a leak"
-    );
+    assert_qemu_check_exit(&path, 3, "qemu-img sees a leak");
     let views = guest_view(&path);
 
-    let before = common::read_file(&path);
-    let report = open_rw(&path).check(None).expect("check without repair");
+    let report = check_without_repair(&path);
     assert!(
         report.leaks > 0,
         "check did not report the leak: {report:?}"
@@ -651,12 +649,8 @@ fn raised_refcount_is_a_leak_repaired_by_r_leaks() {
         report.corruptions, 0,
         "a leak is not a corruption: {report:?}"
     );
-    common::assert_unchanged(&before, &path, "check without -r wrote to the image");
 
-    open_rw(&path)
-        .check(Some(RepairMode::Leaks))
-        .expect("check -r leaks");
-    oracle::assert_qemu_check_clean(&path, "after check -r leaks");
+    repair(&path, RepairMode::Leaks);
     let after = guest_view(&path);
     assert!(views == after, "repairing a leak changed guest data");
 }
@@ -669,20 +663,12 @@ fn refcount_of_unused_cluster_is_a_leak_repaired_by_r_leaks() {
     // qemu-img only counts clusters inside the file: grow it by one unreferenced cluster.
     let end = std::fs::metadata(&path).unwrap().len();
     let unused = end.div_ceil(header.cluster_size()) * header.cluster_size();
-    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    file.set_len(unused + header.cluster_size()).unwrap();
+    set_file_len(&path, unused + header.cluster_size());
     header.set_refcount(&path, unused, 1);
-    assert_eq!(
-        oracle::qemu_check(&path).exit_code,
-        3,
-        "qemu-img sees a leak"
-    );
-    let report = open_rw(&path).check(None).expect("check");
+    assert_qemu_check_exit(&path, 3, "qemu-img sees a leak");
+    let report = check_without_repair(&path);
     assert!(report.leaks >= 1, "leak not reported: {report:?}");
-    open_rw(&path)
-        .check(Some(RepairMode::Leaks))
-        .expect("check -r leaks");
-    oracle::assert_qemu_check_clean(&path, "after check -r leaks");
+    repair(&path, RepairMode::Leaks);
 }
 
 #[test]
@@ -698,25 +684,16 @@ fn lowered_refcount_of_shared_cluster_is_repaired_by_r_all_keeping_snapshot_data
         "guest cluster 0 is shared"
     );
     header.set_refcount(&path, shared, 1);
-    assert_eq!(
-        oracle::qemu_check(&path).exit_code,
-        2,
-        "qemu-img sees a corruption"
-    );
+    assert_qemu_check_exit(&path, 2, "qemu-img sees a corruption");
     let views = guest_view(&path);
 
-    let before = common::read_file(&path);
-    let report = open_rw(&path).check(None).expect("check without repair");
+    let report = check_without_repair(&path);
     assert!(
         report.corruptions > 0,
         "corruption not reported: {report:?}"
     );
-    common::assert_unchanged(&before, &path, "check without -r wrote to the image");
 
-    open_rw(&path)
-        .check(Some(RepairMode::All))
-        .expect("check -r all");
-    oracle::assert_qemu_check_clean(&path, "after check -r all");
+    repair(&path, RepairMode::All);
     assert_eq!(
         header.refcount(&path, shared),
         2,
@@ -725,15 +702,11 @@ fn lowered_refcount_of_shared_cluster_is_repaired_by_r_all_keeping_snapshot_data
     assert!(views == guest_view(&path), "repair changed guest data");
 
     // After the repair a write must copy the shared cluster, not change the snapshot.
-    let mut image = open_rw(&path);
-    image
-        .write_at(0, &[0x77; 4096])
-        .expect("write after repair");
-    drop(image);
-    oracle::assert_qemu_check_clean(&path, "write after repair");
-    assert_same_bytes(
+    write_keeps_snapshot(
+        &path,
+        0,
+        0x77,
         &views[1],
-        &oracle::qemu_read_raw(&path, Some("base")),
         "snapshot after a write following repair",
     );
 }
@@ -745,16 +718,9 @@ fn zeroed_refcount_of_used_cluster_is_repaired_by_r_all() {
     let header = Header::read(&path);
     let cluster = data_cluster(&path, &header, 8192);
     header.set_refcount(&path, cluster, 0);
-    assert_eq!(
-        oracle::qemu_check(&path).exit_code,
-        2,
-        "qemu-img sees a corruption"
-    );
+    assert_qemu_check_exit(&path, 2, "qemu-img sees a corruption");
     let views = guest_view(&path);
-    open_rw(&path)
-        .check(Some(RepairMode::All))
-        .expect("check -r all");
-    oracle::assert_qemu_check_clean(&path, "after check -r all");
+    repair(&path, RepairMode::All);
     assert!(views == guest_view(&path), "repair changed guest data");
 }
 
@@ -768,20 +734,13 @@ fn missing_copied_flag_is_repaired_by_r_all() {
     let entry = raw::peek_u64(&path, l2 + index * 8);
     assert!(entry & COPIED_FLAG != 0, "a private cluster carries COPIED");
     raw::poke_u64(&path, l2 + index * 8, entry & !COPIED_FLAG);
-    assert_eq!(
-        oracle::qemu_check(&path).exit_code,
-        2,
-        "qemu-img flags OFLAG_COPIED"
-    );
-    let report = open_rw(&path).check(None).expect("check");
+    assert_qemu_check_exit(&path, 2, "qemu-img flags OFLAG_COPIED");
+    let report = check_without_repair(&path);
     assert!(
         report.corruptions > 0,
         "missing COPIED flag not reported: {report:?}"
     );
-    open_rw(&path)
-        .check(Some(RepairMode::All))
-        .expect("check -r all");
-    oracle::assert_qemu_check_clean(&path, "after check -r all");
+    repair(&path, RepairMode::All);
 }
 
 #[test]
@@ -798,23 +757,14 @@ fn wrong_copied_flag_on_shared_cluster_is_repaired_and_writes_copy() {
         "a shared cluster has no COPIED flag"
     );
     raw::poke_u64(&path, l2 + 8, entry | COPIED_FLAG);
-    assert_eq!(
-        oracle::qemu_check(&path).exit_code,
-        2,
-        "qemu-img flags OFLAG_COPIED"
-    );
+    assert_qemu_check_exit(&path, 2, "qemu-img flags OFLAG_COPIED");
     let snapshot_before = oracle::qemu_read_raw(&path, Some("base"));
-    open_rw(&path)
-        .check(Some(RepairMode::All))
-        .expect("check -r all");
-    oracle::assert_qemu_check_clean(&path, "after check -r all");
-    let mut image = open_rw(&path);
-    image.write_at(4096, &[0x99; 4096]).expect("write");
-    drop(image);
-    oracle::assert_qemu_check_clean(&path, "write after repair");
-    assert_same_bytes(
+    repair(&path, RepairMode::All);
+    write_keeps_snapshot(
+        &path,
+        4096,
+        0x99,
         &snapshot_before,
-        &oracle::qemu_read_raw(&path, Some("base")),
         "snapshot after repair and write",
     );
 }
@@ -833,17 +783,41 @@ fn leaks_left_by_qemu_refcount_overflow_are_repaired() {
     let check = oracle::qemu_check(&path);
     assert_eq!(check.exit_code, 3, "qemu-img left leaks: {}", check.json);
     let views = guest_view(&path);
-    let report = open_rw(&path).check(None).expect("check");
+    let report = check_without_repair(&path);
     assert_eq!(
         report.leaks,
         check.count("leaks"),
         "same leak count as qemu-img: {report:?}"
     );
-    open_rw(&path)
-        .check(Some(RepairMode::Leaks))
-        .expect("check -r leaks");
-    oracle::assert_qemu_check_clean(&path, "after repairing qemu's leaks");
+    repair(&path, RepairMode::Leaks);
     assert!(views == guest_view(&path), "repair changed guest data");
+}
+
+/// The image's first `count` snapshot table entries rebuilt with the extra data
+/// `extra(index, old_extra)` returns in place of their old one (fixed fields, id and
+/// name kept, each entry padded to 8 bytes), as iotest 261 hand-crafts its tables.
+fn snapshot_table_with_extra_data(
+    path: &Path,
+    count: u32,
+    extra: impl Fn(u32, &[u8]) -> Vec<u8>,
+) -> Vec<u8> {
+    let mut table = Vec::new();
+    for index in 0..count {
+        let entry = raw::snapshot_entry_offset(path, index);
+        let old_extra_len = u64::from(raw::peek_u32(path, entry + 36));
+        let id_name_len =
+            raw::peek_u16(path, entry + 12) as usize + raw::peek_u16(path, entry + 14) as usize;
+        let new_extra = extra(index, &raw::peek(path, entry + 40, old_extra_len as usize));
+        let mut new = raw::peek(path, entry, 40);
+        new[36..40].copy_from_slice(&(new_extra.len() as u32).to_be_bytes());
+        new.extend_from_slice(&new_extra);
+        new.extend_from_slice(&raw::peek(path, entry + 40 + old_extra_len, id_name_len));
+        while new.len() % 8 != 0 {
+            new.push(0);
+        }
+        table.extend_from_slice(&new);
+    }
+    table
 }
 
 /// iotest 261's v2 images: snapshot entries with no extra data, with unknown extra data
@@ -859,30 +833,16 @@ fn unusual_snapshot_extra_data_is_kept() {
     }
     // Rebuild the table with new extra-data sizes: 0, 42 (16 known + 26 unknown), 8.
     let header = Header::read(&path);
-    let mut table = Vec::new();
-    for (index, extra_len) in [(0u32, 0usize), (1, 42), (2, 8)] {
-        let entry = raw::snapshot_entry_offset(&path, index);
-        let fixed = raw::peek(&path, entry, 40);
-        let old_extra = raw::peek_u32(&path, entry + 36) as usize;
-        let id_len = raw::peek_u16(&path, entry + 12) as usize;
-        let name_len = raw::peek_u16(&path, entry + 14) as usize;
-        let old_extra_bytes = raw::peek(&path, entry + 40, old_extra);
-        let id_name = raw::peek(&path, entry + 40 + old_extra as u64, id_len + name_len);
-        let mut new = fixed.clone();
-        new[36..40].copy_from_slice(&(extra_len as u32).to_be_bytes());
+    let table = snapshot_table_with_extra_data(&path, 3, |index, old_extra| {
+        let extra_len = [0usize, 42, 8][index as usize];
         let mut extra = vec![0u8; extra_len];
-        let known = old_extra_bytes.len().min(extra_len).min(16);
-        extra[..known].copy_from_slice(&old_extra_bytes[..known]);
+        let known = old_extra.len().min(extra_len).min(16);
+        extra[..known].copy_from_slice(&old_extra[..known]);
         if extra_len > 16 {
             extra[16..16 + 19].copy_from_slice(b"very important data");
         }
-        new.extend_from_slice(&extra);
-        new.extend_from_slice(&id_name);
-        while new.len() % 8 != 0 {
-            new.push(0);
-        }
-        table.extend_from_slice(&new);
-    }
+        extra
+    });
     assert!(
         table.len() as u64 <= header.cluster_size(),
         "table fits its cluster"
@@ -905,11 +865,7 @@ fn unusual_snapshot_extra_data_is_kept() {
         .expect("delete a snapshot, rewriting the table");
     drop(image);
     oracle::assert_qemu_check_clean(&path, "after our table rewrites");
-    let listed: Vec<String> = oracle::qemu_snapshots(&path)
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
-    assert_eq!(listed, ["sn1", "sn2", "sn3"]);
+    assert_eq!(oracle::qemu_snapshot_names(&path), ["sn1", "sn2", "sn3"]);
     // sn1's unknown extra data survived.
     let entry = raw::snapshot_entry_offset(&path, 0);
     let extra_len = raw::peek_u32(&path, entry + 36) as u64;
@@ -961,20 +917,7 @@ fn v3_snapshot_entries_without_extra_data_are_reported_and_repaired() {
         oracle::qemu_img_ok(&["snapshot", "-c", name, path.to_str().unwrap()]);
     }
     let header = Header::read(&path);
-    let mut table = Vec::new();
-    for index in 0..header.nb_snapshots {
-        let entry = raw::snapshot_entry_offset(&path, index);
-        let extra_len = u64::from(raw::peek_u32(&path, entry + 36));
-        let id_name_len =
-            raw::peek_u16(&path, entry + 12) as usize + raw::peek_u16(&path, entry + 14) as usize;
-        let mut new = raw::peek(&path, entry, 40);
-        new[36..40].copy_from_slice(&0u32.to_be_bytes());
-        new.extend_from_slice(&raw::peek(&path, entry + 40 + extra_len, id_name_len));
-        while new.len() % 8 != 0 {
-            new.push(0);
-        }
-        table.extend_from_slice(&new);
-    }
+    let table = snapshot_table_with_extra_data(&path, header.nb_snapshots, |_, _| Vec::new());
     raw::poke(&path, header.snapshots_offset, &table);
     raw::poke_u32(&path, field::VERSION, 3);
     raw::poke_u32(&path, field::REFCOUNT_ORDER, 4);
@@ -988,14 +931,11 @@ fn v3_snapshot_entries_without_extra_data_are_reported_and_repaired() {
     let views = guest_view(&path);
 
     common::assert_check_agrees_with_qemu(&path, "botched v3 snapshot table");
-    open_rw(&path)
-        .check(Some(RepairMode::All))
-        .expect("check -r all");
-    oracle::assert_qemu_check_clean(&path, "after our repair of the snapshot table");
-    let names: Vec<String> = oracle::qemu_snapshots(&path)
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
-    assert_eq!(names, ["sn0", "sn1"], "the repair kept both snapshots");
+    repair(&path, RepairMode::All);
+    assert_eq!(
+        oracle::qemu_snapshot_names(&path),
+        ["sn0", "sn1"],
+        "the repair kept both snapshots"
+    );
     assert!(views == guest_view(&path), "the repair changed guest data");
 }

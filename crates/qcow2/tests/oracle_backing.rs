@@ -7,9 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use vmsnap_qcow2::{
-    BackingFile, BackingPolicy, Compat, CreateOptions, ImageFormat, OpenOptions, Qcow2Image,
-};
+use vmsnap_qcow2::{BackingFile, BackingPolicy, Compat, CreateOptions, ImageFormat, Qcow2Image};
 
 use common::engine;
 use common::oracle::{self, qemu_io};
@@ -42,7 +40,7 @@ fn create_overlay(
 }
 
 fn open_with(path: &Path, writable: bool, backing: BackingPolicy) -> Result<Qcow2Image, String> {
-    Qcow2Image::open(path, OpenOptions { writable, backing }).map_err(|e| e.to_string())
+    engine::try_open(path, writable, backing).map_err(|e| e.to_string())
 }
 
 /// A qcow2 base written by qemu-io with a few patterns, 4 MiB, 4 KiB clusters.
@@ -100,11 +98,7 @@ fn overlay_over_qcow2_reads_through_and_copies_on_write() {
 
     let mut model = oracle::qemu_read_raw(&base, None);
     let mut image = engine::open_rw(&overlay);
-    assert_same_bytes(
-        &model,
-        &engine::read_all(&mut image, 4 * MIB),
-        "reads fall through",
-    );
+    common::assert_engine_view(&mut image, 4 * MIB, &model, "reads fall through");
     for (offset, len, byte) in [
         (100u64, 10usize, 0xa1u8),
         (65536 - 5, 10, 0xa2),
@@ -116,18 +110,10 @@ fn overlay_over_qcow2_reads_through_and_copies_on_write() {
             .expect("write into overlay");
         model[offset as usize..offset as usize + len].fill(byte);
     }
-    assert_same_bytes(
-        &model,
-        &engine::read_all(&mut image, 4 * MIB),
-        "engine read after COW",
-    );
+    common::assert_engine_view(&mut image, 4 * MIB, &model, "engine read after COW");
     drop(image);
     oracle::assert_qemu_check_clean(&overlay, "overlay after writes");
-    assert_same_bytes(
-        &model,
-        &oracle::qemu_read_raw(&overlay, None),
-        "qemu read of overlay",
-    );
+    common::assert_qemu_view(&overlay, &model, "qemu read of overlay");
     assert!(
         base_bytes_before == common::read_file(&base),
         "writes to the overlay changed the base"
@@ -147,21 +133,13 @@ fn overlay_larger_than_raw_base_reads_zeros_past_the_base() {
     let expected = oracle::qemu_read_raw(&overlay, None);
     assert_eq!(expected.len() as u64, 3 * MIB);
     let mut image = engine::open_rw(&overlay);
-    assert_same_bytes(
-        &expected,
-        &engine::read_all(&mut image, 3 * MIB),
-        "read through raw base",
-    );
+    common::assert_engine_view(&mut image, 3 * MIB, &expected, "read through raw base");
     // A write straddling the end of the base.
     image.write_at(2 * MIB - 100, &[0x77; 200]).expect("write");
     drop(image);
     let mut model = expected;
     model[(2 * MIB - 100) as usize..(2 * MIB + 100) as usize].fill(0x77);
-    assert_same_bytes(
-        &model,
-        &oracle::qemu_read_raw(&overlay, None),
-        "after straddling write",
-    );
+    common::assert_qemu_view(&overlay, &model, "after straddling write");
     oracle::assert_qemu_check_clean(&overlay, "overlay over raw");
 }
 
@@ -170,27 +148,13 @@ fn three_level_chain_reads_through_both_levels() {
     let dir = Scratch::new();
     raw_base(&dir, "base.raw", 4 * MIB);
     let mid = dir.path("mid.qcow2");
-    oracle::qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        mid.to_str().unwrap(),
-    ]);
+    oracle::qemu_create_overlay(&mid, "base.raw", "raw", &[], None);
     qemu_io(&mid, &["write -P 0x55 512k 1M"]);
     let top = dir.path("top.qcow2");
     create_overlay(&top, 4 * MIB, 4096, "mid.qcow2", ImageFormat::Qcow2);
     let expected = oracle::qemu_read_raw(&top, None);
     let mut image = engine::open_ro(&top);
-    assert_same_bytes(
-        &expected,
-        &engine::read_all(&mut image, 4 * MIB),
-        "read through two levels",
-    );
+    common::assert_engine_view(&mut image, 4 * MIB, &expected, "read through two levels");
 }
 
 #[test]
@@ -273,11 +237,7 @@ fn commit_matches_qemu_img_commit() {
             oracle::qemu_check(&theirs.path("overlay.qcow2")).count("allocated-clusters"),
             "clusters left in the overlay after commit, ours vs qemu-img's"
         );
-        assert_same_bytes(
-            &view_before,
-            &oracle::qemu_read_raw(&overlay, None),
-            "overlay view after commit",
-        );
+        common::assert_qemu_view(&overlay, &view_before, "overlay view after commit");
     }
 }
 
@@ -375,11 +335,7 @@ fn safe_rebase_keeps_the_guest_view() {
             .unwrap_or_else(|e| panic!("safe rebase onto {target:?}: {e}"));
         let what = format!("safe rebase onto {target:?}");
         oracle::assert_qemu_check_clean(&overlay, &what);
-        assert_same_bytes(
-            &view,
-            &oracle::qemu_read_raw(&overlay, None),
-            &format!("{what}: guest view"),
-        );
+        common::assert_qemu_view(&overlay, &view, &format!("{what}: guest view"));
         assert_same_bytes(
             &oracle::qemu_read_raw(&theirs_overlay, None),
             &oracle::qemu_read_raw(&overlay, None),
@@ -397,47 +353,20 @@ fn backing_loop_is_refused() {
     let dir = Scratch::new();
     let a = dir.path("a.qcow2");
     let b = dir.path("b.qcow2");
-    for (image, backing) in [(&a, "b.qcow2"), (&b, "a.qcow2")] {
-        oracle::qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            backing,
-            "-F",
-            "qcow2",
-            image.to_str().unwrap(),
-            "1M",
-        ]);
-    }
     let self_loop = dir.path("self.qcow2");
-    oracle::qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "self.qcow2",
-        "-F",
-        "qcow2",
-        self_loop.to_str().unwrap(),
-        "1M",
-    ]);
+    for (image, backing) in [(&a, "b.qcow2"), (&b, "a.qcow2"), (&self_loop, "self.qcow2")] {
+        oracle::qemu_create_overlay(image, backing, "qcow2", &["-u"], Some("1M"));
+    }
     for path in [&a, &self_loop] {
         let before = common::read_file(path);
         for writable in [false, true] {
             match open_with(path, writable, BackingPolicy::FromHeader) {
                 Ok(_) => panic!("{} opened despite a backing loop", path.display()),
-                Err(message) => {
-                    assert!(!message.contains('\n'), "one-line error: {message:?}");
-                    assert!(
-                        message.contains(path.file_name().unwrap().to_str().unwrap()),
-                        "names the image: {message}"
-                    );
-                }
+                Err(message) => common::assert_one_line_error(
+                    &message,
+                    &[path.file_name().unwrap().to_str().unwrap()],
+                    "backing loop",
+                ),
             }
         }
         common::assert_unchanged(&before, path, "a refused open wrote to the image");
@@ -469,17 +398,7 @@ fn backing_file_without_format_is_never_probed() {
     // The backing file is a qcow2 image: probing would "work" and must not happen.
     qcow2_base(&dir, "base.qcow2");
     let overlay = dir.path("overlay.qcow2");
-    oracle::qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        overlay.to_str().unwrap(),
-    ]);
+    oracle::qemu_create_overlay(&overlay, "base.qcow2", "qcow2", &[], None);
     strip_backing_format(&overlay);
     assert!(
         raw::peek_u64(&overlay, field::BACKING_FILE_OFFSET) != 0,
@@ -488,13 +407,11 @@ fn backing_file_without_format_is_never_probed() {
     let before = common::read_file(&overlay);
     match open_with(&overlay, false, BackingPolicy::FromHeader) {
         Ok(_) => panic!("a backing file of unknown format was followed"),
-        Err(message) => {
-            assert!(!message.contains('\n'), "one-line error: {message:?}");
-            assert!(
-                message.contains("overlay.qcow2") || message.contains("base.qcow2"),
-                "names the image: {message}"
-            );
-        }
+        Err(message) => common::assert_one_line_error(
+            &message,
+            &["overlay.qcow2", "base.qcow2"],
+            "backing file of unknown format",
+        ),
     }
     // Told the format explicitly, the chain works.
     let explicit = BackingPolicy::Explicit(BackingFile {
@@ -504,11 +421,7 @@ fn backing_file_without_format_is_never_probed() {
     let mut image =
         open_with(&overlay, false, explicit).expect("open with an explicit backing format");
     let expected = oracle::qemu_read_raw(&dir.path("base.qcow2"), None);
-    assert_same_bytes(
-        &expected,
-        &engine::read_all(&mut image, 4 * MIB),
-        "read with explicit backing",
-    );
+    common::assert_engine_view(&mut image, 4 * MIB, &expected, "read with explicit backing");
     drop(image);
     common::assert_unchanged(&before, &overlay, "opening wrote to the overlay");
 }
@@ -517,27 +430,11 @@ fn backing_file_without_format_is_never_probed() {
 fn missing_backing_file_is_a_clear_error() {
     let dir = Scratch::new();
     let overlay = dir.path("orphan.qcow2");
-    oracle::qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "gone.qcow2",
-        "-F",
-        "qcow2",
-        overlay.to_str().unwrap(),
-        "1M",
-    ]);
+    oracle::qemu_create_overlay(&overlay, "gone.qcow2", "qcow2", &["-u"], Some("1M"));
     match open_with(&overlay, false, BackingPolicy::FromHeader) {
         Ok(_) => panic!("opened with a missing backing file"),
         Err(message) => {
-            assert!(!message.contains('\n'), "one-line error: {message:?}");
-            assert!(
-                message.contains("gone.qcow2"),
-                "names the missing backing file: {message}"
-            );
+            common::assert_one_line_error(&message, &["gone.qcow2"], "missing backing file")
         }
     }
 }
@@ -571,13 +468,9 @@ fn commit_into_a_smaller_base_matches_qemu_img() {
     match (committed_by_qemu.status.success(), ours_result) {
         (true, Ok(_)) => {
             let qemu_base = oracle::qemu_read_raw(&theirs.path("base.qcow2"), None);
-            assert_same_bytes(&qemu_base, &oracle::qemu_read_raw(&base, None), "bases");
+            common::assert_qemu_view(&base, &qemu_base, "bases");
             oracle::assert_qemu_check_clean(&base, "base after commit");
-            assert_same_bytes(
-                &view,
-                &oracle::qemu_read_raw(&overlay, None),
-                "overlay view",
-            );
+            common::assert_qemu_view(&overlay, &view, "overlay view");
         }
         (true, Err(e)) => panic!("qemu-img commits into a smaller base, we refused: {e}"),
         (false, Ok(_)) => panic!("we committed where qemu-img refused"),
@@ -607,7 +500,7 @@ fn safe_rebase_onto_a_smaller_backing_keeps_the_view() {
     )
     .expect("safe rebase onto a smaller raw file");
     oracle::assert_qemu_check_clean(&overlay, "after rebase");
-    assert_same_bytes(&view, &oracle::qemu_read_raw(&overlay, None), "guest view");
+    common::assert_qemu_view(&overlay, &view, "guest view");
 }
 
 /// Copy-on-write from compressed clusters of the backing file.
@@ -621,18 +514,7 @@ fn partial_writes_over_a_compressed_backing_file() {
     }
     std::fs::write(&raw, &content).unwrap();
     let base = dir.path("base.qcow2");
-    oracle::qemu_img_ok(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        raw.to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    oracle::qemu_convert_compressed(&raw, &base, "cluster_size=65536");
     assert!(oracle::qemu_check(&base).count("compressed-clusters") > 0);
     let overlay = dir.path("overlay.qcow2");
     create_overlay(&overlay, 4 * MIB, 4096, "base.qcow2", ImageFormat::Qcow2);
@@ -646,18 +528,10 @@ fn partial_writes_over_a_compressed_backing_file() {
         image.write_at(offset, &vec![0xcc; len]).unwrap();
         content[offset as usize..offset as usize + len].fill(0xcc);
     }
-    assert_same_bytes(
-        &content,
-        &engine::read_all(&mut image, 4 * MIB),
-        "engine view",
-    );
+    common::assert_engine_view(&mut image, 4 * MIB, &content, "engine view");
     drop(image);
     oracle::assert_qemu_check_clean(&overlay, "overlay over compressed base");
-    assert_same_bytes(
-        &content,
-        &oracle::qemu_read_raw(&overlay, None),
-        "qemu view",
-    );
+    common::assert_qemu_view(&overlay, &content, "qemu view");
 }
 
 /// Internal snapshots of an overlay: what a snapshot does not store still falls through
@@ -676,18 +550,10 @@ fn internal_snapshots_on_an_overlay() {
     let at_snapshot = model.clone();
     image.write_at(MIB - 50, &[0x42; 100_000]).unwrap();
     image.apply_snapshot("s").unwrap();
-    assert_same_bytes(
-        &at_snapshot,
-        &engine::read_all(&mut image, 4 * MIB),
-        "after apply",
-    );
+    common::assert_engine_view(&mut image, 4 * MIB, &at_snapshot, "after apply");
     drop(image);
     oracle::assert_qemu_check_clean(&overlay, "overlay with a snapshot");
-    assert_same_bytes(
-        &at_snapshot,
-        &oracle::qemu_read_raw(&overlay, None),
-        "qemu view",
-    );
+    common::assert_qemu_view(&overlay, &at_snapshot, "qemu view");
 }
 
 /// Zero clusters (v3) in an overlay hide the backing file's data; unallocated ones
@@ -698,19 +564,13 @@ fn zero_clusters_mask_the_backing_file() {
         let dir = Scratch::new();
         let base = qcow2_base(&dir, "base.qcow2");
         let overlay = dir.path("overlay.qcow2");
-        oracle::qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("compat={compat},cluster_size=65536"),
-            "-b",
+        oracle::qemu_create_overlay(
+            &overlay,
             "base.qcow2",
-            "-F",
             "qcow2",
-            overlay.to_str().unwrap(),
-        ]);
+            &["-o", &format!("compat={compat},cluster_size=65536")],
+            None,
+        );
         qemu_io(
             &overlay,
             &["write -P 0x51 0 128k", "write -z 0 64k", "write -z 200k 8k"],
@@ -723,9 +583,10 @@ fn zero_clusters_mask_the_backing_file() {
             "compat {compat}: zeros differ from base"
         );
         let mut image = engine::open_ro(&overlay);
-        assert_same_bytes(
+        common::assert_engine_view(
+            &mut image,
+            4 * MIB,
             &expected,
-            &engine::read_all(&mut image, 4 * MIB),
             &format!("compat {compat}: zero clusters over a backing file"),
         );
     }
@@ -751,17 +612,9 @@ fn relative_backing_name_from_another_directory() {
     );
     let expected = oracle::qemu_read_raw(&base, None);
     let mut image = engine::open_ro(&overlay);
-    assert_same_bytes(
-        &expected,
-        &engine::read_all(&mut image, 4 * MIB),
-        "read through ../",
-    );
+    common::assert_engine_view(&mut image, 4 * MIB, &expected, "read through ../");
     drop(image);
-    assert_same_bytes(
-        &expected,
-        &oracle::qemu_read_raw(&overlay, None),
-        "qemu agrees",
-    );
+    common::assert_qemu_view(&overlay, &expected, "qemu agrees");
 }
 
 /// A backing file recorded as raw is raw even when its bytes look like qcow2: reads
@@ -787,9 +640,10 @@ fn raw_backing_that_looks_like_qcow2_stays_raw() {
         "QEMU shows the qcow2 header bytes"
     );
     let mut image = engine::open_ro(&overlay);
-    assert_same_bytes(
+    common::assert_engine_view(
+        &mut image,
+        overlay_size,
         &expected,
-        &engine::read_all(&mut image, overlay_size),
         "raw backing file read as raw",
     );
 }

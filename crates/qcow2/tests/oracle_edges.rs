@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use vmsnap_qcow2::{BackingPolicy, Compat, OpenOptions, Qcow2Image};
+use vmsnap_qcow2::{BackingPolicy, Compat};
 
 use common::engine::{self, Layout};
 use common::model::DiskModel;
@@ -66,7 +66,7 @@ fn refcount_table_grows_under_512_byte_clusters_and_64_bit_refcounts() {
         header.refcount_table_clusters
     );
     oracle::assert_qemu_check_clean(&path, "after refcount table growth");
-    assert_same_bytes(&model.active, &oracle::qemu_read_raw(&path, None), "active");
+    common::assert_qemu_view(&path, &model.active, "active");
     assert_same_bytes(
         &model.snapshot("full-twice").data,
         &oracle::qemu_read_raw(&path, Some("full-twice")),
@@ -122,20 +122,7 @@ fn snapshot_table_spanning_many_clusters() {
     model.write(1000, &[0xee; 5000]);
     drop(image);
     oracle::assert_qemu_check_clean(&path, "after many snapshots");
-    let listed: Vec<String> = oracle::qemu_snapshots(&path)
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
-    let expected: Vec<String> = model.snapshots.iter().map(|s| s.name.clone()).collect();
-    assert_eq!(listed, expected);
-    for snapshot in &model.snapshots {
-        assert_same_bytes(
-            &snapshot.data,
-            &oracle::qemu_read_raw(&path, Some(&snapshot.name)),
-            &snapshot.name,
-        );
-    }
-    assert_same_bytes(&model.active, &oracle::qemu_read_raw(&path, None), "active");
+    common::assert_qemu_reads_model(&path, &model, "after many snapshots");
 }
 
 /// Names QEMU accepts: non-ASCII, long, with spaces. They must round-trip exactly.
@@ -153,11 +140,7 @@ fn unusual_snapshot_names_round_trip() {
     }
     drop(image);
     oracle::assert_qemu_check_clean(&path, "names");
-    let listed: Vec<String> = oracle::qemu_snapshots(&path)
-        .into_iter()
-        .map(|s| s.name)
-        .collect();
-    assert_eq!(listed, names);
+    assert_eq!(oracle::qemu_snapshot_names(&path), names);
     let mut image = engine::open_rw(&path);
     image
         .delete_snapshot("snäpshot ✓")
@@ -187,25 +170,12 @@ fn engine_and_qemu_lock_each_other_out() {
     writeln!(stdin, "read 0 512").unwrap();
     stdin.flush().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let refused = Qcow2Image::open(
-        &path,
-        OpenOptions {
-            writable: true,
-            backing: BackingPolicy::Ignore,
-        },
-    );
+    let refused = engine::try_open(&path, true, BackingPolicy::Ignore);
     let _ = writeln!(qemu_io.stdin.as_mut().unwrap(), "quit");
     let _ = qemu_io.wait();
     match refused {
         Ok(_) => panic!("opened for writing while qemu-io held the image"),
-        Err(e) => {
-            let message = e.to_string();
-            assert!(!message.contains('\n'), "one line: {message:?}");
-            assert!(
-                message.contains("locked.qcow2"),
-                "names the image: {message}"
-            );
-        }
+        Err(e) => common::assert_one_line_error(&e.to_string(), &["locked.qcow2"], "locked image"),
     }
 
     let image = engine::open_rw(&path);
@@ -237,13 +207,7 @@ fn dirty_image_from_a_crashed_qemu_is_repaired_or_refused() {
     assert!(!status.success(), "qemu-io aborted");
     assert_eq!(oracle::qemu_check(&path).exit_code, 2, "stale refcounts");
     let before = common::read_file(&path);
-    match Qcow2Image::open(
-        &path,
-        OpenOptions {
-            writable: true,
-            backing: BackingPolicy::Ignore,
-        },
-    ) {
+    match engine::try_open(&path, true, BackingPolicy::Ignore) {
         Err(e) => {
             let message = e.to_string();
             assert!(
@@ -269,7 +233,7 @@ fn dirty_image_from_a_crashed_qemu_is_repaired_or_refused() {
                 "the data QEMU wrote before the crash survived",
             );
             expected[32 * 1024..36 * 1024].fill(0x33);
-            assert_same_bytes(&expected, &oracle::qemu_read_raw(&path, None), "active");
+            common::assert_qemu_view(&path, &expected, "active");
         }
     }
 }
@@ -343,13 +307,7 @@ fn images_with_persistent_bitmaps_refuse_guest_writes() {
     oracle::qemu_create(&path, 4 * MIB, "cluster_size=65536");
     oracle::qemu_img_ok(&["bitmap", "--add", path.to_str().unwrap(), "b0"]);
     let before = common::read_file(&path);
-    if let Ok(mut image) = Qcow2Image::open(
-        &path,
-        OpenOptions {
-            writable: true,
-            backing: BackingPolicy::Ignore,
-        },
-    ) {
+    if let Ok(mut image) = engine::try_open(&path, true, BackingPolicy::Ignore) {
         assert!(
             image.write_at(0, &[1; 512]).is_err(),
             "write under a bitmap"

@@ -70,18 +70,7 @@ fn run(scenario: Scenario) {
             let raw = scratch.path("initial.raw");
             std::fs::write(&raw, &initial).expect("write initial raw data");
             let options = format!("{},compression_type={compression}", layout.qemu_options());
-            oracle::qemu_img_ok(&[
-                "convert",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                &options,
-                raw.to_str().unwrap(),
-                path.to_str().unwrap(),
-            ]);
+            oracle::qemu_convert_compressed(&raw, &path, &options);
             let check = oracle::qemu_check(&path);
             assert!(
                 check.count("compressed-clusters") > 0,
@@ -148,44 +137,16 @@ fn run(scenario: Scenario) {
             names_made += 1;
             let name = format!("snap{names_made}-{}", rng.gen_range(0..1000));
             log.push(format!("snapshot -c {name}"));
-            if by_qemu {
-                drop(image.take());
-                oracle::qemu_img_ok(&["snapshot", "-c", &name, path.to_str().unwrap()]);
-                image = Some(engine::open_rw(&path));
-            } else {
-                image
-                    .as_mut()
-                    .unwrap()
-                    .create_snapshot(&name)
-                    .unwrap_or_else(|e| panic!("{}: create_snapshot: {e}", log.context("")));
-            }
+            snapshot_command(&mut image, &path, by_qemu, "-c", &name, &log);
             model.create_snapshot(&name);
             check_snapshot_list(image.as_mut().unwrap(), &model, &log);
         } else if roll < 84 {
             if model.snapshots.is_empty() {
                 continue;
             }
-            let pick = rng.gen_range(0..model.snapshots.len());
-            // Address snapshots by id now and then, as `qemu-img snapshot -a 3` may.
-            let by_id = rng.gen_ratio(1, 4);
-            let target = if by_id {
-                model.snapshots[pick].id.clone()
-            } else {
-                model.snapshots[pick].name.clone()
-            };
-            let name = model.snapshots[pick].name.clone();
+            let (target, name) = pick_snapshot(&mut rng, &model, true);
             log.push(format!("snapshot -a {target}"));
-            if by_qemu {
-                drop(image.take());
-                oracle::qemu_img_ok(&["snapshot", "-a", &target, path.to_str().unwrap()]);
-                image = Some(engine::open_rw(&path));
-            } else {
-                image
-                    .as_mut()
-                    .unwrap()
-                    .apply_snapshot(&target)
-                    .unwrap_or_else(|e| panic!("{}: apply_snapshot: {e}", log.context("")));
-            }
+            snapshot_command(&mut image, &path, by_qemu, "-a", &target, &log);
             model.apply_snapshot(&name);
             let all = engine::read_all(image.as_mut().unwrap(), size);
             assert_same_bytes(&model.active, &all, &log.context("engine read after apply"));
@@ -193,27 +154,10 @@ fn run(scenario: Scenario) {
             if model.snapshots.is_empty() {
                 continue;
             }
-            let pick = rng.gen_range(0..model.snapshots.len());
             // qemu-img snapshot -d looks snapshots up by name only (-a takes ids too).
-            let by_id = rng.gen_ratio(1, 4) && !by_qemu;
-            let target = if by_id {
-                model.snapshots[pick].id.clone()
-            } else {
-                model.snapshots[pick].name.clone()
-            };
-            let name = model.snapshots[pick].name.clone();
+            let (target, name) = pick_snapshot(&mut rng, &model, !by_qemu);
             log.push(format!("snapshot -d {target}"));
-            if by_qemu {
-                drop(image.take());
-                oracle::qemu_img_ok(&["snapshot", "-d", &target, path.to_str().unwrap()]);
-                image = Some(engine::open_rw(&path));
-            } else {
-                image
-                    .as_mut()
-                    .unwrap()
-                    .delete_snapshot(&target)
-                    .unwrap_or_else(|e| panic!("{}: delete_snapshot: {e}", log.context("")));
-            }
+            snapshot_command(&mut image, &path, by_qemu, "-d", &target, &log);
             model.delete_snapshot(&name);
             check_snapshot_list(image.as_mut().unwrap(), &model, &log);
         } else {
@@ -400,6 +344,46 @@ fn check_range(
     );
 }
 
+/// Picks a random snapshot of the model: returns how to address it (by id now and then
+/// when `ids_allowed`, as `qemu-img snapshot -a 3` may) and its name.
+fn pick_snapshot(rng: &mut StdRng, model: &DiskModel, ids_allowed: bool) -> (String, String) {
+    let pick = rng.gen_range(0..model.snapshots.len());
+    let by_id = rng.gen_ratio(1, 4) && ids_allowed;
+    let snapshot = &model.snapshots[pick];
+    let target = if by_id {
+        snapshot.id.clone()
+    } else {
+        snapshot.name.clone()
+    };
+    (target, snapshot.name.clone())
+}
+
+/// `qemu-img snapshot FLAG TARGET` (`-c`, `-a` or `-d`) done by qemu-img with our image
+/// closed when `by_qemu`, otherwise by our engine on the open image.
+fn snapshot_command(
+    image: &mut Option<Qcow2Image>,
+    path: &Path,
+    by_qemu: bool,
+    flag: &str,
+    target: &str,
+    log: &OpLog,
+) {
+    if by_qemu {
+        drop(image.take());
+        oracle::qemu_img_ok(&["snapshot", flag, target, path.to_str().unwrap()]);
+        *image = Some(engine::open_rw(path));
+        return;
+    }
+    let ours = image.as_mut().unwrap();
+    let (operation, result) = match flag {
+        "-c" => ("create_snapshot", ours.create_snapshot(target).map(drop)),
+        "-a" => ("apply_snapshot", ours.apply_snapshot(target)),
+        "-d" => ("delete_snapshot", ours.delete_snapshot(target)),
+        _ => panic!("no snapshot command {flag}"),
+    };
+    result.unwrap_or_else(|e| panic!("{}: {operation}: {e}", log.context("")));
+}
+
 /// Our engine's snapshot list against the model: same ids and names, same order,
 /// no VM state, the disk size of the image.
 fn check_snapshot_list(image: &mut Qcow2Image, model: &DiskModel, log: &OpLog) {
@@ -462,20 +446,7 @@ fn verify_with_qemu(path: &Path, model: &DiskModel, context: &str) {
         expected,
         "{context}: qemu-img snapshot -l"
     );
-    for snapshot in &model.snapshots {
-        let bytes = oracle::qemu_read_raw(path, Some(&snapshot.name));
-        assert_same_bytes(
-            &snapshot.data,
-            &bytes,
-            &format!("{context}: qemu-img convert of snapshot {}", snapshot.name),
-        );
-    }
-    let active = oracle::qemu_read_raw(path, None);
-    assert_same_bytes(
-        &model.active,
-        &active,
-        &format!("{context}: qemu-img convert of the active state"),
-    );
+    common::assert_qemu_reads_model(path, model, context);
 }
 
 #[test]

@@ -87,18 +87,7 @@ fn qemu_made_image(
         }
     }
     // The model itself must agree with QEMU before it can judge our engine.
-    assert_same_bytes(
-        &model.active,
-        &oracle::qemu_read_raw(path, None),
-        "model vs qemu (active)",
-    );
-    for s in &model.snapshots {
-        assert_same_bytes(
-            &s.data,
-            &oracle::qemu_read_raw(path, Some(&s.name)),
-            &format!("model vs qemu (snapshot {})", s.name),
-        );
-    }
+    common::assert_qemu_reads_model(path, &model, "model vs qemu");
     model
 }
 
@@ -172,9 +161,9 @@ fn engine_handles_qemu_image(size: u64, options: &str, snapshots: usize, seed: u
     }
     drop(image);
     oracle::assert_qemu_check_clean(&path, &format!("{context} after applies"));
-    assert_same_bytes(
+    common::assert_qemu_view(
+        &path,
         &model.active,
-        &oracle::qemu_read_raw(&path, None),
         &format!("{context} qemu read of the state we applied"),
     );
 
@@ -192,16 +181,7 @@ fn engine_handles_qemu_image(size: u64, options: &str, snapshots: usize, seed: u
         let ctx = format!("{context} after deleting {name}");
         oracle::assert_qemu_check_clean(&path, &ctx);
         common::assert_check_agrees_with_qemu(&path, &ctx);
-        let names: Vec<String> = oracle::qemu_snapshots(&path)
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
-        let expected: Vec<String> = model.snapshots.iter().map(|s| s.name.clone()).collect();
-        assert_eq!(names, expected, "{ctx}: qemu-img snapshot list");
-        for s in &model.snapshots {
-            assert_same_bytes(&s.data, &oracle::qemu_read_raw(&path, Some(&s.name)), &ctx);
-        }
-        assert_same_bytes(&model.active, &oracle::qemu_read_raw(&path, None), &ctx);
+        common::assert_qemu_reads_model(&path, &model, &ctx);
     }
 }
 
@@ -406,7 +386,7 @@ fn apply_restores_the_snapshot_disk_size() {
         Some(4 * MIB),
         "apply restored 4 MiB"
     );
-    assert_same_bytes(&small, &oracle::qemu_read_raw(&path, None), "small state");
+    common::assert_qemu_view(&path, &small, "small state");
 
     let mut image = engine::open_rw(&path);
     image
@@ -420,7 +400,7 @@ fn apply_restores_the_snapshot_disk_size() {
         Some(12 * MIB),
         "apply restored 12 MiB"
     );
-    assert_same_bytes(&large, &oracle::qemu_read_raw(&path, None), "large state");
+    common::assert_qemu_view(&path, &large, "large state");
 }
 
 /// iotest 029's first case with 1 KiB clusters: a snapshot of an empty disk (small L1)

@@ -40,6 +40,15 @@ pub fn create_qcow2(path: &Path, layout: &Layout) {
         .unwrap_or_else(|e| panic!("create {} ({layout:?}): {e}", path.display()));
 }
 
+/// Opens an image as told, for tests that expect (or tolerate) a refusal.
+pub fn try_open(
+    path: &Path,
+    writable: bool,
+    backing: BackingPolicy,
+) -> vmsnap_qcow2::Result<Qcow2Image> {
+    Qcow2Image::open(path, OpenOptions { writable, backing })
+}
+
 /// Opens an image read-write, following a backing file only if its header names the format.
 pub fn open_rw(path: &Path) -> Qcow2Image {
     Qcow2Image::open(

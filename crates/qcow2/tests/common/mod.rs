@@ -65,6 +65,57 @@ pub fn assert_same_bytes(expected: &[u8], actual: &[u8], what: &str) {
     );
 }
 
+/// Requires our engine's view of the first `size` guest bytes of `image` to be `expected`.
+pub fn assert_engine_view(
+    image: &mut vmsnap_qcow2::Qcow2Image,
+    size: u64,
+    expected: &[u8],
+    what: &str,
+) {
+    assert_same_bytes(expected, &engine::read_all(image, size), what);
+}
+
+/// Requires QEMU's view of the active state of the qcow2 image at `path` (through its
+/// backing chain) to be `expected`.
+pub fn assert_qemu_view(path: &Path, expected: &[u8], what: &str) {
+    assert_same_bytes(expected, &oracle::qemu_read_raw(path, None), what);
+}
+
+/// Requires QEMU to read exactly what the model holds: the same snapshot names in table
+/// order, every snapshot's bytes and the active state's.
+pub fn assert_qemu_reads_model(path: &Path, model: &model::DiskModel, context: &str) {
+    assert_eq!(
+        oracle::qemu_snapshot_names(path),
+        model.snapshot_names(),
+        "{context}: qemu-img snapshot list"
+    );
+    for snapshot in &model.snapshots {
+        assert_same_bytes(
+            &snapshot.data,
+            &oracle::qemu_read_raw(path, Some(&snapshot.name)),
+            &format!("{context}: qemu-img convert of snapshot {}", snapshot.name),
+        );
+    }
+    assert_qemu_view(
+        path,
+        &model.active,
+        &format!("{context}: qemu-img convert of the active state"),
+    );
+}
+
+/// The error message contract of a refused image: one line, naming at least one of
+/// `names` (the image's file name, or the backing file at fault).
+pub fn assert_one_line_error(message: &str, names: &[&str], what: &str) {
+    assert!(
+        !message.contains('\n'),
+        "{what}: error message spans lines: {message:?}"
+    );
+    assert!(
+        names.iter().any(|name| message.contains(name)),
+        "{what}: error message names none of {names:?}: {message:?}"
+    );
+}
+
 /// Reads a whole file, naming it if that fails.
 pub fn read_file(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))

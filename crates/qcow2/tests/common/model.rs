@@ -33,6 +33,11 @@ impl DiskModel {
         }
     }
 
+    /// The snapshot names in table order.
+    pub fn snapshot_names(&self) -> Vec<String> {
+        self.snapshots.iter().map(|s| s.name.clone()).collect()
+    }
+
     /// A guest write.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         let start = usize::try_from(offset).expect("offset fits memory");

@@ -99,6 +99,34 @@ pub fn qemu_create(path: &Path, size: u64, options: &str) {
     qemu_img_ok(&args);
 }
 
+/// Creates a qcow2 overlay with `qemu-img create -b BACKING -F BACKING_FORMAT`, adding
+/// `options` (such as `-u` for a backing file that need not exist, or `-o …`) and the
+/// size when one is given (without one the overlay takes the backing file's size).
+pub fn qemu_create_overlay(
+    path: &Path,
+    backing: &str,
+    backing_format: &str,
+    options: &[&str],
+    size: Option<&str>,
+) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(options);
+    args.extend(["-b", backing, "-F", backing_format]);
+    args.push(path.to_str().expect("utf-8 path"));
+    args.extend(size);
+    qemu_img_ok(&args);
+}
+
+/// Converts a raw file into a qcow2 image of compressed clusters with
+/// `qemu-img convert -c -o OPTIONS`.
+pub fn qemu_convert_compressed(raw: &Path, qcow2: &Path, options: &str) {
+    let raw = raw.to_str().expect("utf-8 path");
+    let qcow2 = qcow2.to_str().expect("utf-8 path");
+    qemu_img_ok(&[
+        "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", options, raw, qcow2,
+    ]);
+}
+
 /// What `qemu-img check --output=json` said, with its exit status
 /// (0 clean, 1 check failed, 2 corruptions, 3 leaks only).
 #[derive(Debug)]
@@ -187,6 +215,11 @@ pub fn qemu_snapshots(path: &Path) -> Vec<QemuSnapshot> {
         .collect()
 }
 
+/// The snapshot names QEMU reads, in table order.
+pub fn qemu_snapshot_names(path: &Path) -> Vec<String> {
+    qemu_snapshots(path).into_iter().map(|s| s.name).collect()
+}
+
 /// `qemu-img snapshot -l` as (id, tag) pairs, parsed from its table (tags without spaces).
 pub fn qemu_snapshot_list_text(path: &Path) -> Vec<(String, String)> {
     // qemu-img 7.2's snapshot command has no -f; these test images are all qcow2.
@@ -204,33 +237,31 @@ pub fn qemu_snapshot_list_text(path: &Path) -> Vec<(String, String)> {
 /// The guest-visible bytes of an image (its active state, or one internal snapshot) as
 /// `qemu-img convert -O raw` produces them, following the backing chain QEMU follows.
 pub fn qemu_read_raw(path: &Path, snapshot: Option<&str>) -> Vec<u8> {
-    let out = tempfile::Builder::new()
-        .prefix("vmsnap-oracle-")
-        .suffix(".raw")
-        .tempfile()
-        .expect("temporary raw file");
-    let out_path = out.path().to_str().expect("utf-8 path").to_string();
-    let src = path.to_str().expect("utf-8 path");
     let selector = snapshot.map(|name| format!("snapshot.name={name}"));
-    let mut args = vec!["convert", "-f", "qcow2"];
+    let mut input = vec!["-f", "qcow2"];
     if let Some(selector) = &selector {
-        args.push("-l");
-        args.push(selector);
+        input.push("-l");
+        input.push(selector);
     }
-    args.extend(["-O", "raw", src, &out_path]);
-    qemu_img_ok(&args);
-    super::read_file(out.path())
+    convert_to_raw(path, &input)
 }
 
 /// Same as [`qemu_read_raw`] for an image whose format is not qcow2 (e.g. a raw base).
 pub fn qemu_read_raw_format(path: &Path, format: &str) -> Vec<u8> {
+    convert_to_raw(path, &["-f", format])
+}
+
+/// `qemu-img convert INPUT… -O raw` of `path` into a temporary file; returns its bytes.
+fn convert_to_raw(path: &Path, input: &[&str]) -> Vec<u8> {
     let out = tempfile::Builder::new()
         .prefix("vmsnap-oracle-")
         .suffix(".raw")
         .tempfile()
         .expect("temporary raw file");
     let out_path = out.path().to_str().expect("utf-8 path").to_string();
-    let src = path.to_str().expect("utf-8 path");
-    qemu_img_ok(&["convert", "-f", format, "-O", "raw", src, &out_path]);
+    let mut args = vec!["convert"];
+    args.extend_from_slice(input);
+    args.extend(["-O", "raw", path.to_str().expect("utf-8 path"), &out_path]);
+    qemu_img_ok(&args);
     super::read_file(out.path())
 }
