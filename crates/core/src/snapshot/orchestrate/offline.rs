@@ -77,14 +77,37 @@ pub async fn live_virtual_size(domain: &str, qmp: &Qmp, node: &str) -> Result<u6
 
 /// Creates a qcow2 overlay of `size` bytes whose header names `backing`
 /// (path and format). The backing image is not opened, so this works while a
-/// running QEMU writes to it; the overlay is private (0600).
+/// running QEMU writes to it; the overlay is private (0600). The file is
+/// made exclusively (never through a symlink, never over an existing file),
+/// and removed again when it cannot be written (a full file system), so a
+/// refusal leaves nothing behind.
 pub fn create_overlay(path: &Path, backing: &Layer, size: u64) -> Result<()> {
-    if path.exists() {
-        return Err(SnapshotError::FileExists {
-            what: "overlay".into(),
-            path: path.to_path_buf(),
-        });
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => SnapshotError::FileExists {
+                what: "overlay".into(),
+                path: path.to_path_buf(),
+            },
+            _ => SnapshotError::Io {
+                action: "cannot create overlay".into(),
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    let written = write_overlay(path, backing, size);
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
     }
+    written
+}
+
+/// Fills the empty file `path` with the overlay's metadata.
+fn write_overlay(path: &Path, backing: &Layer, size: u64) -> Result<()> {
     let options = CreateOptions {
         size,
         ..CreateOptions::default()
@@ -95,7 +118,17 @@ pub fn create_overlay(path: &Path, backing: &Layer, size: u64) -> Result<()> {
         path: utf8(&backing.file)?,
         format: engine_format(backing.format),
     };
-    vmsnap_qcow2::rebase(path, Some(header_backing), true).map_err(image_error(path))
+    vmsnap_qcow2::rebase(path, Some(header_backing), true).map_err(image_error(path))?;
+    let file = std::fs::File::open(path).map_err(|source| SnapshotError::Io {
+        action: "cannot open the new overlay".into(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    file.sync_all().map_err(|source| SnapshotError::Io {
+        action: "cannot write the new overlay".into(),
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Whether `image` holds an internal snapshot named `tag`.

@@ -1128,15 +1128,13 @@ fn reserve_memory_image(
     }
     let mib = |b: u64| b.div_ceil(1 << 20);
     let source = if matches!(rc, libc::ENOSPC | libc::EDQUOT | libc::EFBIG) {
-        std::io::Error::other(
-            format!(
-                "no space left on {} for the memory image of domain {domain}: need {} MiB, {} MiB free; \
+        std::io::Error::other(format!(
+            "no space left on {} (domain {domain} needs {} MiB there, {} MiB are free): \
                  free some space or choose another --memspec file",
-                dir.display(),
-                mib(bytes),
-                free.map_or_else(|| "?".to_string(), |f| mib(f).to_string()),
-            ),
-        )
+            dir.display(),
+            mib(bytes),
+            free.map_or_else(|| "?".to_string(), |f| mib(f).to_string()),
+        ))
     } else {
         std::io::Error::from_raw_os_error(rc)
     };
