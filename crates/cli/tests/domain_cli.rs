@@ -4,109 +4,52 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmsnap_core::{DomainLock, StateDir};
-use vmsnap_testguest::{guest_initrd, guest_kernel, Guest, GUEST_KERNEL_CMDLINE};
+use vmsnap_testguest::lab::{self, DiskDef, VmsnapCli};
+use vmsnap_testguest::Guest;
 
-struct Cli {
-    dir: tempfile::TempDir,
+/// The vmsnap binary in a fresh directory (`lab::VmsnapCli`), with the checks
+/// and the domain config of this file's tests.
+struct Cli(VmsnapCli);
+
+impl std::ops::Deref for Cli {
+    type Target = VmsnapCli;
+
+    fn deref(&self) -> &VmsnapCli {
+        &self.0
+    }
 }
 
 impl Cli {
     fn new() -> Cli {
-        Cli {
-            dir: tempfile::Builder::new()
-                .prefix("vmsnap-cli")
-                .tempdir()
-                .unwrap(),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn state(&self) -> PathBuf {
-        self.path("state")
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
-        command.env("VMSNAP_STATE_DIR", self.state()).args(args);
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    /// Runs a command that must succeed; returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vmsnap {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let dir = tempfile::Builder::new()
+            .prefix("vmsnap-cli")
+            .tempdir()
+            .unwrap();
+        let cli = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+        // Never leave a QEMU behind, whatever the test did.
+        cli.guard("clidom");
+        Cli(cli)
     }
 
     /// Runs a command that must fail with exit code 1 and a one-line error; returns it.
     fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert_eq!(out.status.code(), Some(1), "vmsnap {args:?} should fail");
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(
-            stderr.lines().count(),
-            1,
-            "one-line error expected: {stderr}"
-        );
-        assert!(stderr.starts_with("error: "), "{stderr}");
-        stderr.trim_end().to_string()
+        lab::refusal(args, &out)
     }
 
+    /// Creates vda.qcow2 and a config for the test guest with 256 MiB booting from it.
     fn write_config(&self, name: &str) -> PathBuf {
-        let status = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(self.path("vda.qcow2"))
-            .arg("64M")
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let config = format!(
-            r#"name = "{name}"
-memory_mib = 256
-vcpus = 1
-accel = "tcg"
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{GUEST_KERNEL_CMDLINE}"
-qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={ctl},server=on,wait=off", "-device", "isa-serial,chardev=ctl"]
-
-[[disk]]
-target = "vda"
-file = "vda.qcow2"
-format = "qcow2"
-"#,
-            kernel = guest_kernel().unwrap().display(),
-            initrd = guest_initrd().unwrap().display(),
-            ctl = self.path("ctl.sock").display(),
-        );
-        let path = self.path(&format!("{name}.toml"));
-        fs::write(&path, config).unwrap();
-        path
+        lab::create_qcow2(&self.path("vda.qcow2"), "64M");
+        self.write_guest_config(name, 256, &[DiskDef::qcow2("vda", "vda.qcow2")])
     }
 
     fn pid_file(&self, name: &str) -> PathBuf {
         self.state().join("domains").join(name).join("qemu.pid")
-    }
-
-    fn qemu_pid(&self, name: &str) -> Option<u32> {
-        fs::read_to_string(self.pid_file(name))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
     }
 
     fn wait_for_state(&self, name: &str, state: &str, timeout: Duration) {
@@ -121,17 +64,6 @@ format = "qcow2"
                 "{name} never became {state}: {list}"
             );
             std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Cli {
-    fn drop(&mut self) {
-        // Never leave a QEMU behind, whatever the test did.
-        for name in ["clidom"] {
-            if let Some(pid) = self.qemu_pid(name) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
         }
     }
 }

@@ -4,14 +4,23 @@
 //! running, no snapshot recorded, no stray file.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
-use vmsnap_testguest::{guest_initrd, guest_kernel, Guest, GUEST_KERNEL_CMDLINE};
+use vmsnap_testguest::lab::{self, DiskDef, VmsnapCli};
+use vmsnap_testguest::Guest;
 
-struct Bench {
-    dir: tempfile::TempDir,
+/// The vmsnap binary in a fresh directory (`lab::VmsnapCli`), with this
+/// file's checks.
+struct Bench(VmsnapCli);
+
+impl std::ops::Deref for Bench {
+    type Target = VmsnapCli;
+
+    fn deref(&self) -> &VmsnapCli {
+        &self.0
+    }
 }
 
 impl Bench {
@@ -20,42 +29,14 @@ impl Bench {
             .prefix("vmsnap-snapcli")
             .tempdir()
             .unwrap();
-        Bench { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vmsnap"))
-            .args(args)
-            .env("VMSNAP_STATE_DIR", self.path("state"))
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "vmsnap {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let bench = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+        bench.guard("cli");
+        Bench(bench)
     }
 
     /// Runs a command that must be refused with one line mentioning `needle`.
     fn refused(&self, args: &[&str], needle: &str) {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "vmsnap {args:?} should fail");
-        assert_eq!(
-            stderr.trim_end().lines().count(),
-            1,
-            "one-line error for {args:?}: {stderr}"
-        );
-        assert!(stderr.starts_with("error: "), "{stderr}");
+        let stderr = self.0.refused(args);
         assert!(
             stderr.contains(needle),
             "error for {args:?} should mention {needle:?}: {stderr}"
@@ -64,78 +45,31 @@ impl Bench {
 
     /// Every file under the state directory and the test directory.
     fn files(&self) -> Vec<PathBuf> {
-        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-            for entry in fs::read_dir(dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    walk(&path, out);
-                } else if !path.to_string_lossy().contains("serial.log")
-                    && !path.extension().is_some_and(|e| e == "sock")
-                {
-                    out.push(path);
-                }
-            }
-        }
-        let mut out = Vec::new();
-        walk(self.dir.path(), &mut out);
-        out.sort();
-        out
+        let mut files = lab::files_under(self.dir());
+        files.retain(|path| {
+            !path.to_string_lossy().contains("serial.log")
+                && !path.extension().is_some_and(|e| e == "sock")
+        });
+        files
     }
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        let _ = self.run(&["destroy", "cli"]);
-    }
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
 fn snapshot_commands_and_refusals() {
     let bench = Bench::new();
     let vda = bench.path("vda.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", vda.to_str().unwrap(), "32M"]);
+    lab::create_qcow2(&vda, "32M");
     fs::write(bench.path("vdb.raw"), vec![0u8; 8 << 20]).unwrap();
-    let ctl = bench.path("ctl.sock");
-    fs::write(
-        bench.path("cli.toml"),
-        format!(
-            r#"name = "cli"
-memory_mib = 160
-vcpus = 1
-accel = "tcg"
-kernel = "{}"
-initrd = "{}"
-cmdline = "{}"
-qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={},server=on,wait=off", "-device", "isa-serial,chardev=ctl"]
-
-[[disk]]
-target = "vda"
-file = "vda.qcow2"
-format = "qcow2"
-
-[[disk]]
-target = "vdb"
-file = "vdb.raw"
-format = "raw"
-"#,
-            guest_kernel().unwrap().display(),
-            guest_initrd().unwrap().display(),
-            GUEST_KERNEL_CMDLINE,
-            ctl.display()
-        ),
-    )
-    .unwrap();
-    bench.ok(&["define", bench.path("cli.toml").to_str().unwrap()]);
+    let ctl = bench.control_socket();
+    let config = bench.write_guest_config(
+        "cli",
+        160,
+        &[
+            DiskDef::qcow2("vda", "vda.qcow2"),
+            DiskDef::raw("vdb", "vdb.raw"),
+        ],
+    );
+    bench.ok(&["define", config.to_str().unwrap()]);
     bench.ok(&["start", "cli"]);
     let mut guest = Guest::connect(&ctl, Duration::from_secs(60)).unwrap();
     guest.set_ram_value("first").unwrap();
@@ -173,9 +107,11 @@ format = "raw"
         files_before,
         "a refused command left files behind"
     );
-    assert!(qemu_img(&["snapshot", "-U", "-l", vda.to_str().unwrap()])
-        .trim()
-        .is_empty());
+    assert!(
+        lab::qemu_img(&["snapshot", "-U", "-l", vda.to_str().unwrap()])
+            .trim()
+            .is_empty()
+    );
     assert!(bench.ok(&["list"]).contains("running"));
     assert_eq!(guest.ram_value().unwrap(), "first");
 
@@ -314,8 +250,10 @@ format = "raw"
     );
     assert_eq!(bench.ok(&["snapshot-list", "cli", "--name"]).trim(), "");
     assert!(!memory.exists(), "memory image left behind");
-    assert!(qemu_img(&["snapshot", "-U", "-l", vda.to_str().unwrap()])
-        .trim()
-        .is_empty());
+    assert!(
+        lab::qemu_img(&["snapshot", "-U", "-l", vda.to_str().unwrap()])
+            .trim()
+            .is_empty()
+    );
     assert_eq!(guest.ram_value().unwrap(), "second");
 }

@@ -7,111 +7,29 @@
 //! before still reverts exactly.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use vmsnap_testguest::{guest_initrd, guest_kernel, Guest, GUEST_KERNEL_CMDLINE};
+use vmsnap_testguest::lab::{self, DiskDef, VmsnapCli};
+use vmsnap_testguest::Guest;
 
-struct Bench {
-    dir: tempfile::TempDir,
-}
-
-impl Bench {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
-        command
-            .args(args)
-            .env("VMSNAP_STATE_DIR", self.path("state"));
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        command.output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args, &[]);
-        assert!(
-            out.status.success(),
-            "vmsnap {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn snapshot_files(&self) -> Vec<PathBuf> {
-        let dir = self.path("state/domains/crashy/snapshots");
-        let mut out: Vec<PathBuf> = fs::read_dir(dir)
-            .map(|entries| entries.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default();
-        out.sort();
-        out
-    }
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        let _ = self.run(&["destroy", "crashy"], &[]);
-    }
-}
-
-fn check_clean(file: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "-q", "-U", "-f", "qcow2", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        matches!(out.status.code(), Some(0) | Some(3)),
-        "qemu-img check {}: {}",
-        file.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
+/// The snapshot files of the test's domain.
+fn snapshot_files(bench: &VmsnapCli) -> Vec<PathBuf> {
+    lab::dir_entries(&bench.path("state/domains/crashy/snapshots"))
 }
 
 #[test]
 fn killed_at_every_step_of_an_external_snapshot() {
-    let bench = Bench {
-        dir: tempfile::Builder::new()
-            .prefix("vmsnap-crash")
-            .tempdir()
-            .unwrap(),
-    };
-    let vda = bench.path("vda.qcow2");
-    let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", vda.to_str().unwrap(), "32M"])
-        .status()
+    let dir = tempfile::Builder::new()
+        .prefix("vmsnap-crash")
+        .tempdir()
         .unwrap();
-    assert!(status.success());
-    let ctl = bench.path("ctl.sock");
-    fs::write(
-        bench.path("crashy.toml"),
-        format!(
-            r#"name = "crashy"
-memory_mib = 160
-vcpus = 1
-accel = "tcg"
-kernel = "{}"
-initrd = "{}"
-cmdline = "{}"
-qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={},server=on,wait=off", "-device", "isa-serial,chardev=ctl"]
-
-[[disk]]
-target = "vda"
-file = "vda.qcow2"
-format = "qcow2"
-"#,
-            guest_kernel().unwrap().display(),
-            guest_initrd().unwrap().display(),
-            GUEST_KERNEL_CMDLINE,
-            ctl.display()
-        ),
-    )
-    .unwrap();
-    bench.ok(&["define", bench.path("crashy.toml").to_str().unwrap()]);
+    let bench = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+    bench.guard("crashy");
+    lab::create_qcow2(&bench.path("vda.qcow2"), "32M");
+    let ctl = bench.control_socket();
+    let config = bench.write_guest_config("crashy", 160, &[DiskDef::qcow2("vda", "vda.qcow2")]);
+    bench.ok(&["define", config.to_str().unwrap()]);
     bench.ok(&["start", "crashy"]);
     let mut guest = Guest::connect(&ctl, Duration::from_secs(60)).unwrap();
     guest.write_pattern("vda", 0, 1 << 20, 0x77).unwrap();
@@ -121,7 +39,7 @@ format = "qcow2"
 
     // Learn the steps of the operation from a run that completes.
     let log = bench.path("steps.log");
-    let out = bench.run(
+    let out = bench.run_with_env(
         &["snapshot-create-as", "crashy", "probe", "--external"],
         &[("VMSNAP_FAILPOINT_LOG", log.to_str().unwrap())],
     );
@@ -143,7 +61,7 @@ format = "qcow2"
         let name = format!("crash{i}");
         let value = format!("value-{i}");
         guest.set_ram_value(&value).unwrap();
-        let out = bench.run(
+        let out = bench.run_with_env(
             &["snapshot-create-as", "crashy", &name, "--external"],
             &[("VMSNAP_FAILPOINTS", step.as_str())],
         );
@@ -175,7 +93,7 @@ format = "qcow2"
             .iter()
             .filter_map(|n| n["file"].as_str().map(str::to_string))
             .collect();
-        for file in bench.snapshot_files() {
+        for file in snapshot_files(&bench) {
             let stem = file.file_name().unwrap().to_string_lossy().to_string();
             let owner_listed = names
                 .iter()
@@ -187,7 +105,7 @@ format = "qcow2"
                 file.display()
             );
             if stem.ends_with(".qcow2") {
-                check_clean(&file);
+                lab::assert_qemu_img_check(&file);
             }
         }
         if recorded {

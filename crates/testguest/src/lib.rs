@@ -12,11 +12,14 @@
 //!   [`Guest::write_pattern`] writes, to compare with an image read on the host.
 //! * [`QemuGuest`]: starts QEMU with the guest's command-line contract, for
 //!   tests that have no domain layer; kills it on drop.
+//! * [`lab`]: the harness the core and CLI integration tests share (domain
+//!   configs for the guest, qemu-img/qemu-io checks, a `vmsnap` runner).
 
 #![warn(missing_docs)]
 
 mod error;
 mod guest;
+pub mod lab;
 mod pattern;
 mod qemu;
 

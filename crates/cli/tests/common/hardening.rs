@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use vmsnap_testguest::{guest_initrd, guest_kernel, Guest, GUEST_KERNEL_CMDLINE};
+use vmsnap_testguest::{lab, Guest};
 
 /// Longest any single vmsnap command may take before it counts as hung.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -143,28 +143,21 @@ impl Lab {
 
     /// Writes a domain config without defining it.
     pub fn write_config(&self, name: &str, memory_mib: u32, disks: &[DiskDef<'_>]) -> PathBuf {
-        let mut config = format!(
-            r#"name = "{name}"
-memory_mib = {memory_mib}
-vcpus = 1
-accel = "tcg"
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{GUEST_KERNEL_CMDLINE}"
-qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={ctl},server=on,wait=off", "-device", "isa-serial,chardev=ctl"]
-"#,
-            kernel = guest_kernel().expect("test guest built").display(),
-            initrd = guest_initrd().expect("test guest built").display(),
-            ctl = self.control_socket(name).display(),
-        );
-        for disk in disks {
-            config.push_str(&format!(
-                "\n[[disk]]\ntarget = \"{}\"\nfile = \"{}\"\nformat = \"{}\"\n",
-                disk.target,
-                self.path(disk.file).display(),
-                disk.format
-            ));
-        }
+        let files: Vec<String> = disks
+            .iter()
+            .map(|disk| self.path(disk.file).display().to_string())
+            .collect();
+        let disks: Vec<lab::DiskDef<'_>> = disks
+            .iter()
+            .zip(&files)
+            .map(|(disk, file)| lab::DiskDef {
+                target: disk.target,
+                file,
+                format: disk.format,
+            })
+            .collect();
+        let config =
+            lab::guest_domain_toml(name, memory_mib, &self.control_socket(name), &[], &disks);
         let path = self.path(&format!("{name}.toml"));
         fs::write(&path, config).expect("write config");
         path
@@ -209,9 +202,7 @@ qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={ctl},server=on,wait=
 
     /// QEMU's pid from the domain's pid file, if it is running.
     pub fn qemu_pid(&self, name: &str) -> Option<u32> {
-        fs::read_to_string(self.state().join("domains").join(name).join("qemu.pid"))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
+        lab::qemu_pid(&self.state(), name)
     }
 
     /// Names from `snapshot-list --name`, sorted.
@@ -281,29 +272,14 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // Never leave a QEMU behind, whatever the test did.
         for name in self.domains.borrow().iter() {
-            if let Some(pid) = self.qemu_pid(name) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
+            lab::kill_qemu(&self.state(), name);
         }
     }
 }
 
 /// Checks that `out` is a clean refusal of `vmsnap args` and returns its line.
 pub fn refusal(args: &[&str], out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success() && out.status.code().is_some(),
-        "vmsnap {args:?} should have been refused, got {:?}; stdout {:?} stderr {stderr:?}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    assert_eq!(
-        stderr.lines().count(),
-        1,
-        "vmsnap {args:?}: one-line error expected, got {stderr:?}"
-    );
-    assert!(stderr.starts_with("error: "), "vmsnap {args:?}: {stderr:?}");
-    stderr.trim_end_matches('\n').to_string()
+    lab::refusal(args, out)
 }
 
 fn walk(dir: &Path, visit: &mut dyn FnMut(&Path, &fs::Metadata)) {
@@ -355,21 +331,7 @@ fn current_uid() -> u32 {
 /// `qemu-img check -U` (QEMU may hold the image): Ok on a clean or
 /// leaks-only image, Err with qemu-img's report otherwise.
 pub fn qemu_img_check(image: &Path) -> Result<(), String> {
-    let out = Command::new("qemu-img")
-        .args(["check", "-U", "-f", "qcow2"])
-        .arg(image)
-        .output()
-        .expect("qemu-img");
-    // 0: clean; 3: leaked clusters only (allowed, repairable).
-    match out.status.code() {
-        Some(0) | Some(3) => Ok(()),
-        code => Err(format!(
-            "qemu-img check {} exited {code:?}: {}{}",
-            image.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )),
-    }
+    lab::qemu_img_check(image)
 }
 
 /// sha256 of a host file's byte range, in the test guest's hex format.
