@@ -8,6 +8,7 @@
 //! them. Adding a group is a variant (`#[command(flatten)] X(x::XCommand)`)
 //! and its dispatch arm.
 
+mod check;
 mod domain;
 mod img;
 mod snapshot;
@@ -48,6 +49,8 @@ enum Command {
     Domain(domain::DomainCommand),
     #[command(flatten)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Check a domain's images, files and snapshot records; repair with -r leaks|all.
+    Check(check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Img(args) => img::run(args, &cli.globals),
         Command::Domain(command) => domain::run(command, &cli.globals),
         Command::Snapshot(command) => snapshot::run(command, &cli.globals),
+        Command::Check(args) => check::run(args, &cli.globals),
     };
     match result {
         Ok(code) => code,

@@ -8,6 +8,7 @@
 //! chains) in one transaction, so a killed process leaves either the
 //! operation done or undone once the next command has recovered (DESIGN §5.4).
 
+pub mod check;
 pub mod error;
 pub mod model;
 mod offline;
@@ -18,6 +19,9 @@ pub mod runtime;
 pub mod spec;
 pub mod store;
 
+pub use check::{
+    CheckRepair, CheckReport, Finding, FindingKind, ImageReport, InternalSnapshot, Severity,
+};
 pub use error::{ErrorKind, Result, SnapshotError};
 pub use model::{Chain, Chains, DiskCapture, Layer, SnapshotStorage};
 pub use ops::{
