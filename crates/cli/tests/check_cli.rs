@@ -88,6 +88,26 @@ fn leak_clusters(image: &Path, count: u64) {
     file.sync_all().unwrap();
 }
 
+/// Sets the refcount of the image's last cluster (guest data, written
+/// last) to 0: qemu-img counts two errors (the refcount and the L2
+/// entry's COPIED flag).
+fn drop_last_refcount(image: &Path) {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut word = [0u8; 8];
+    file.read_exact_at(&mut word, 48).unwrap();
+    let refcount_table = u64::from_be_bytes(word);
+    file.read_exact_at(&mut word, refcount_table).unwrap();
+    let refcount_block = u64::from_be_bytes(word);
+    let last = file.metadata().unwrap().len().div_ceil(65536) - 1;
+    file.write_all_at(&0u16.to_be_bytes(), refcount_block + last * 2)
+        .unwrap();
+    file.sync_all().unwrap();
+}
+
 fn check(lab: &Lab, args: &[&str]) -> (i32, String) {
     let mut all = vec!["check"];
     all.extend_from_slice(args);
@@ -210,6 +230,35 @@ fn leaked_clusters_are_reported_then_repaired_without_touching_data() {
         "{out}"
     );
     assert_eq!(lab.snapshot_names("leaky"), ["s1"]);
+}
+
+#[test]
+fn refcount_errors_are_left_to_repair_all() {
+    let lab = Lab::new("check-refcount");
+    let disk = domain(&lab, "refs");
+    drop_last_refcount(&disk);
+    assert_eq!(qemu_img_check(&disk), 2, "the poke must corrupt a refcount");
+
+    for repair in [&[][..], &["-r", "leaks"][..]] {
+        let mut args = vec!["refs"];
+        args.extend_from_slice(repair);
+        let (code, out) = check(&lab, &args);
+        assert_eq!(code, 2, "{out}");
+        assert!(
+            out.contains(&format!(
+                "corruption: image {}: 2 corruption(s)",
+                disk.display()
+            )) && out.contains("`-r all` may fix"),
+            "{out}"
+        );
+    }
+    assert_eq!(qemu_img_check(&disk), 2, "-r leaks leaves refcount errors");
+
+    let (code, out) = check(&lab, &["refs", "-r", "all"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("repaired: image"), "{out}");
+    assert_eq!(qemu_img_check(&disk), 0);
+    qemu_io(&disk, "read -P 0x5a 0 1M");
 }
 
 #[test]
