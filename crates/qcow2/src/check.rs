@@ -165,6 +165,7 @@ impl Qcow2Image {
         };
         report.total_clusters = self.size().div_ceil(cs);
         computed.inc(report, 0, cs, "header");
+        let rewrite_snapshot_table = self.check_snapshot_entries(repair, report);
 
         let active_l1 = self.l1.clone();
         let l1_off = self.header.l1_table_offset;
@@ -357,7 +358,30 @@ impl Qcow2Image {
             self.sync()?;
         }
         self.check_copied_flags(fix_errors, &mut active_tables, report)?;
+        if rewrite_snapshot_table {
+            // Refcounts are right by now, so the new table's clusters are allocated safely.
+            self.write_snapshot_table(self.snapshots.clone())?;
+        }
         Ok(())
+    }
+
+    /// Reports v3 snapshot entries without the mandatory disk size (as `qemu-img check`
+    /// does: "snapshot table entry N is incomplete"); returns whether the table must be
+    /// rewritten with full extra data (repair of errors asked for).
+    fn check_snapshot_entries(&self, repair: Option<RepairMode>, report: &mut CheckReport) -> bool {
+        let fix = repair == Some(RepairMode::All);
+        for &index in &self.incomplete_snapshot_entries {
+            report.messages.push(format!(
+                "{} snapshot table entry {index} is incomplete",
+                if fix { "Repairing" } else { "ERROR" }
+            ));
+            if fix {
+                report.corruptions_fixed += 1;
+            } else {
+                report.corruptions += 1;
+            }
+        }
+        fix && !self.incomplete_snapshot_entries.is_empty()
     }
 
     /// Walks one L1 table's L2 tables, counting references (and statistics for the active one).

@@ -167,6 +167,9 @@ pub struct Qcow2Image {
     pub(crate) rc: Refcounts,
     pub(crate) snapshots: Vec<SnapshotEntry>,
     pub(crate) snapshots_size: u64,
+    /// Indices of v3 snapshot entries whose extra data lacks the mandatory disk size
+    /// (`check` reports them; `check -r all` rewrites the table in full).
+    pub(crate) incomplete_snapshot_entries: Vec<usize>,
     pub(crate) backing: Option<Box<dyn Disk>>,
     pub(crate) pending_frees: Vec<(u64, u64)>,
     pub(crate) metadata: Option<HashMap<u64, MetaKind>>,
@@ -332,6 +335,7 @@ impl Qcow2Image {
             },
             snapshots: Vec::new(),
             snapshots_size: 0,
+            incomplete_snapshot_entries: Vec::new(),
             backing: None,
             pending_frees: Vec::new(),
             metadata: None,
@@ -484,6 +488,7 @@ impl Qcow2Image {
 
     fn read_snapshot_table(&mut self) -> Result<()> {
         let nb = self.header.nb_snapshots;
+        self.incomplete_snapshot_entries.clear();
         if nb == 0 {
             self.snapshots.clear();
             self.snapshots_size = 0;
@@ -503,6 +508,15 @@ impl Qcow2Image {
             self.pread(off, &mut buf, "snapshot table")?;
             match decode_snapshot_table(&buf, nb) {
                 Ok((mut entries, size)) => {
+                    // Version 3 makes the disk size mandatory; an entry without it is incomplete.
+                    if self.header.version >= 3 {
+                        self.incomplete_snapshot_entries = entries
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, e)| e.disk_size.is_none())
+                            .map(|(i, _)| i)
+                            .collect();
+                    }
                     // QEMU reads a missing disk size as the image's current size and writes it back.
                     for e in &mut entries {
                         e.disk_size.get_or_insert(self.header.size);
@@ -1440,10 +1454,83 @@ impl Qcow2Image {
         if found.is_some() && found != allowed {
             return Err(Error::corrupt(
                 &self.path,
-                format!("{what} at {off:#x} overlaps other metadata; refusing to write"),
+                format!(
+                    "{what} at {off:#x} overlaps the {}; refusing to write",
+                    self.describe_metadata(off)
+                ),
             ));
         }
         Ok(())
+    }
+
+    /// The metadata clusters as sorted, merged `[start, end)` host ranges of one kind each.
+    ///
+    /// Table walks check every entry against this list with a binary search: no I/O and
+    /// no hashing per cluster.
+    pub(crate) fn metadata_ranges(&mut self) -> Result<Vec<(u64, u64, MetaKind)>> {
+        self.ensure_metadata_map()?;
+        let cs = self.cluster_size();
+        let mut clusters: Vec<(u64, MetaKind)> = self
+            .metadata
+            .as_ref()
+            .map(|m| m.iter().map(|(&o, &k)| (o, k)).collect())
+            .unwrap_or_default();
+        clusters.sort_unstable_by_key(|&(o, _)| o);
+        let mut ranges: Vec<(u64, u64, MetaKind)> = Vec::with_capacity(clusters.len());
+        for (off, kind) in clusters {
+            match ranges.last_mut() {
+                Some(last) if last.1 == off && last.2 == kind => last.1 = off + cs,
+                _ => ranges.push((off, off + cs, kind)),
+            }
+        }
+        Ok(ranges)
+    }
+
+    /// Names the metadata structure that holds host offset `off` (for error messages).
+    pub(crate) fn describe_metadata(&self, off: u64) -> String {
+        let cs = self.cluster_size();
+        let h = &self.header;
+        let within = |start: u64, len: u64| {
+            len > 0 && off >= start / cs * cs && off < fmt::align_up(start.saturating_add(len), cs)
+        };
+        if off < cs {
+            return "image header".into();
+        }
+        if within(h.l1_table_offset, u64::from(h.l1_size) * 8) {
+            return format!("active L1 table at {:#x}", h.l1_table_offset);
+        }
+        if within(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        ) {
+            return format!("refcount table at {:#x}", h.refcount_table_offset);
+        }
+        if within(h.snapshots_offset, self.snapshots_size) {
+            return format!("snapshot table at {:#x}", h.snapshots_offset);
+        }
+        if let Some(s) = self
+            .snapshots
+            .iter()
+            .find(|s| within(s.l1_table_offset, u64::from(s.l1_size) * 8))
+        {
+            return format!(
+                "L1 table of snapshot '{}' at {:#x}",
+                s.name, s.l1_table_offset
+            );
+        }
+        let cluster = off / cs * cs;
+        if let Some(i) = self
+            .rc
+            .table
+            .iter()
+            .position(|&e| e & OFFSET_MASK == cluster)
+        {
+            return format!("refcount block {i} at {cluster:#x}");
+        }
+        if self.l1.iter().any(|&e| e & OFFSET_MASK == cluster) {
+            return format!("active L2 table at {cluster:#x}");
+        }
+        format!("metadata cluster at {cluster:#x}")
     }
 
     // ---- guest writes ----------------------------------------------------

@@ -9,10 +9,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use vmsnap_qcow2_format::{self as fmt, SnapshotEntry, OFFSET_MASK, OFLAG_COPIED};
+use vmsnap_qcow2_format::{
+    self as fmt, SnapshotEntry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+};
 
 use crate::error::{Error, Result};
-use crate::image::{Qcow2Image, SnapshotInfo};
+use crate::image::{MetaKind, Qcow2Image, SnapshotInfo};
 use vmsnap_qcow2_format::L2Entry;
 
 impl Qcow2Image {
@@ -112,6 +114,11 @@ impl Qcow2Image {
 
     fn create_snapshot_steps(&mut self, mut entry: SnapshotEntry) -> Result<SnapshotEntry> {
         let cs = self.cluster_size();
+        // Everything is decided in memory first, so a refusal (data mapped onto metadata,
+        // refcount overflow) writes nothing, not even a cluster past the end of the file.
+        let active = self.l1.clone();
+        self.check_tree_overlaps(&active, "the active L1 table")?;
+        self.tree_refcount_pass(&active, 1)?;
         // 1. New clusters for the L1 copy and the new snapshot table, all refcounts raised,
         //    then written and synced before anything on disk points at them.
         let l1_copy: Vec<u64> = self.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
@@ -124,9 +131,6 @@ impl Qcow2Image {
         let mut list = self.snapshots.clone();
         list.push(entry.clone());
         let (table_off, table) = self.prepare_snapshot_table(&list)?;
-        // Everything is decided in memory first, so a refusal (refcount overflow) writes nothing.
-        let active = self.l1.clone();
-        self.tree_refcount_pass(&active, 1)?;
         if !l1_bytes.is_empty() {
             self.pwrite(entry.l1_table_offset, &l1_bytes, "snapshot L1 table")?;
         }
@@ -154,6 +158,7 @@ impl Qcow2Image {
         self.flush()?;
         let sn = self.snapshots[index].clone();
         let sn_l1 = self.read_snapshot_l1(&sn)?;
+        self.check_tree_overlaps(&sn_l1, &format!("snapshot '{}'", sn.name))?;
         let result = (|| -> Result<()> {
             // 1. The table no longer lists the snapshot: from here on a crash only leaks.
             let mut list = self.snapshots.clone();
@@ -189,13 +194,19 @@ impl Qcow2Image {
         let sn = self.snapshots[index].clone();
         let sn_l1 = self.read_snapshot_l1(&sn)?;
         let disk_size = sn.disk_size.unwrap_or(self.size());
-        self.before_guest_change()?;
+        // Both trees change refcounts: refuse before anything is written if either maps
+        // data onto metadata.
+        self.check_tree_overlaps(&sn_l1, &format!("snapshot '{}'", sn.name))?;
+        let active = self.l1.clone();
+        self.check_tree_overlaps(&active, "the active L1 table")?;
         let result = (|| -> Result<()> {
-            // 1. The active L1 table must hold the whole snapshot table (and its disk size).
+            // 1. Everything the snapshot uses gains a reference first (in memory, so that
+            //    a refcount overflow is refused before anything is written).
+            self.tree_refcount_pass(&sn_l1, 1)?;
+            self.before_guest_change()?;
+            // 2. The active L1 table must hold the whole snapshot table (and its disk size).
             let need = u64::from(sn.l1_size).max(self.header.l1_entries_for(disk_size));
             self.grow_l1(need)?;
-            // 2. Everything the snapshot uses gains a reference first.
-            self.tree_refcount_pass(&sn_l1, 1)?;
             self.write_refblocks()?;
             self.sync()?;
             self.update_active_copied_flags()?;
@@ -246,6 +257,73 @@ impl Qcow2Image {
         let mut buf = vec![0u8; bytes as usize];
         self.pread(sn.l1_table_offset, &mut buf, "snapshot L1 table")?;
         Ok(fmt::decode_u64_table(&buf))
+    }
+
+    /// Refuses a tree (an L1 table and its L2 tables) that puts an L2 table or guest data
+    /// on other metadata: header, L1 tables, refcount table and blocks, snapshot table, or
+    /// (for data) an active L2 table. Changing refcounts through such a tree would free or
+    /// share metadata, and writing through it would overwrite it. Reads only.
+    pub(crate) fn check_tree_overlaps(&mut self, l1: &[u64], tree: &str) -> Result<()> {
+        let cs = self.cluster_size();
+        let l2_entries = self.header.l2_entries();
+        let ranges = self.metadata_ranges()?;
+        let l2_offsets: Vec<u64> = l1
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        self.prefetch_l2(&l2_offsets)?;
+        let mut cursor = 0usize;
+        for (i, &l1_entry) in l1.iter().enumerate() {
+            let l2_off = l1_entry & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            let guest_base = i as u64 * l2_entries * cs;
+            if let Some(r) = overlapping(&ranges, l2_off, l2_off + cs) {
+                if r.2 != MetaKind::ActiveL2 {
+                    return Err(Error::corrupt(
+                        &self.path,
+                        format!(
+                            "{tree} has the L2 table for guest offset {guest_base:#x} in the {}; refusing to change the image",
+                            self.describe_metadata(l2_off)
+                        ),
+                    ));
+                }
+            }
+            let Some(table) = self.l2.get(&l2_off) else {
+                continue;
+            };
+            for (j, &raw) in table.entries.iter().enumerate() {
+                // Plain and zero entries name one host cluster (0: none); compressed ones a byte range.
+                let (start, end) = if raw & OFLAG_COMPRESSED == 0 {
+                    let host = raw & OFFSET_MASK & !(cs - 1);
+                    if host == 0 {
+                        continue;
+                    }
+                    (host, host + cs)
+                } else {
+                    let Some((host, len)) = self.decode_entry(raw)?.host_range() else {
+                        continue;
+                    };
+                    let start = host / cs * cs;
+                    (start, fmt::align_up(host.saturating_add(len.max(1)), cs))
+                };
+                cursor = seek_range(&ranges, cursor, start);
+                if let Some(r) = ranges.get(cursor).filter(|r| r.0 < end) {
+                    let at = r.0.max(start);
+                    return Err(Error::corrupt(
+                        &self.path,
+                        format!(
+                            "{tree} maps guest offset {:#x} onto the {}; refusing to change the image",
+                            guest_base + j as u64 * cs,
+                            self.describe_metadata(at)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds `delta` (+1/-1) to the refcount of every L2 table and data cluster reachable from `l1`.
@@ -409,11 +487,40 @@ impl Qcow2Image {
         self.sync()?;
         self.snapshots = list;
         self.snapshots_size = len;
+        // Every entry we write carries QEMU 7.2's full extra data.
+        self.incomplete_snapshot_entries.clear();
         if old_size > 0 && old_off != 0 {
             self.add_refcount(old_off, old_size, -1)?;
             self.write_frees()?;
         }
         Ok(())
+    }
+}
+
+/// The first of the sorted, disjoint `ranges` that overlaps `[start, end)`.
+fn overlapping(
+    ranges: &[(u64, u64, MetaKind)],
+    start: u64,
+    end: u64,
+) -> Option<&(u64, u64, MetaKind)> {
+    let i = ranges.partition_point(|r| r.1 <= start);
+    ranges.get(i).filter(|r| r.0 < end)
+}
+
+/// Index of the first of the sorted, disjoint `ranges` ending after `start`.
+///
+/// `hint` is the previous answer: host offsets in an L2 table mostly ascend, so the
+/// answer is usually `hint` or the next one, and a binary search is the fallback.
+#[inline]
+fn seek_range(ranges: &[(u64, u64, MetaKind)], hint: usize, start: u64) -> usize {
+    let ends_after = |i: usize| ranges.get(i).map_or(true, |r| r.1 > start);
+    let ends_before = |i: usize| i == 0 || ranges.get(i - 1).is_some_and(|r| r.1 <= start);
+    if ends_after(hint) && ends_before(hint) {
+        hint
+    } else if hint < ranges.len() && ranges[hint].1 <= start && ends_after(hint + 1) {
+        hint + 1
+    } else {
+        ranges.partition_point(|r| r.1 <= start)
     }
 }
 

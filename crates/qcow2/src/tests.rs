@@ -540,3 +540,46 @@ fn every_crash_point_of_snapshot_operations_is_safe() {
         }
     }
 }
+
+/// Bugs-hardening B8: an L2 entry that maps guest data onto the refcount table. Creating,
+/// deleting or applying a snapshot would change the refcount of the refcount table through
+/// it (free or share it), so each is refused, names the structure, and writes nothing.
+#[test]
+fn snapshot_operations_refuse_data_mapped_onto_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = new_image(dir.path(), "b8.qcow2", 4 << 20, 4096, Compat::V3, 16);
+    {
+        let mut img = Qcow2Image::open(&path, rw()).unwrap();
+        img.write_at(0, &[0x5a; 8192]).unwrap();
+        img.create_snapshot("s0").unwrap();
+    }
+    let mut bytes = std::fs::read(&path).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be64(&bytes, 40) as usize;
+    let refcount_table = be64(&bytes, 48);
+    let l2 = (be64(&bytes, l1) & vmsnap_qcow2_format::OFFSET_MASK) as usize;
+    // The L2 table is shared by the active state and s0: both trees now point at it.
+    bytes[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | refcount_table).to_be_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+
+    let mut img = Qcow2Image::open(&path, rw()).unwrap();
+    let attempts: [(&str, Result<()>); 3] = [
+        ("create", img.create_snapshot("s1").map(|_| ())),
+        ("delete", img.delete_snapshot("s0")),
+        ("apply", img.apply_snapshot("s0")),
+    ];
+    for (what, result) in attempts {
+        let err = result.expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{what}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("guest offset 0x0") && text.contains("refcount table"),
+            "{what}: {text}"
+        );
+    }
+    drop(img);
+    assert!(
+        std::fs::read(&path).unwrap() == bytes,
+        "a refused snapshot operation changed the image"
+    );
+}
