@@ -131,6 +131,45 @@ fn qemu_read(path: &Path, snapshot: Option<&str>) -> Vec<u8> {
     std::fs::read(out.path()).unwrap()
 }
 
+/// `qemu-img create -q -f qcow2 OPTIONS… PATH SIZE`.
+fn qemu_create(path: &Path, size: &str, options: &[&str]) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(options);
+    args.extend([s(path), size]);
+    qemu_img_ok(&args);
+}
+
+/// An overlay made by qemu-img over a 1 MiB raw file of zeros, `base.raw` in `dir`.
+fn qemu_overlay_over_raw(dir: &Path) -> PathBuf {
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0u8; MIB as usize]).unwrap();
+    let overlay = dir.join("overlay.qcow2");
+    qemu_img_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&overlay),
+    ]);
+    overlay
+}
+
+/// Runs `vmsnap img ARGS` and requires exit status `code`.
+fn vmsnap_exits(args: &[&str], code: i32, what: &str) -> Output {
+    let out = vmsnap(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: {}",
+        describe("vmsnap img", args, &out)
+    );
+    out
+}
+
 fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("vmsnap-cli-img-")
@@ -212,7 +251,7 @@ fn create_raw_has_the_exact_size() {
 fn create_overlay_with_backing_and_format() {
     let dir = tmp();
     let base = dir.path().join("base.qcow2");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    qemu_create(&base, "8M", &[]);
     qemu_io(&base, "write -P 0x5a 1M 64k");
     let overlay = dir.path().join("overlay.qcow2");
     // No size: the overlay takes the backing file's, as with qemu-img.
@@ -241,7 +280,7 @@ fn create_overlay_with_backing_and_format() {
 fn create_refuses_backing_without_format() {
     let dir = tmp();
     let base = dir.path().join("base.qcow2");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    qemu_create(&base, "8M", &[]);
     let overlay = dir.path().join("overlay.qcow2");
     let out = vmsnap(&["create", "-f", "qcow2", "-b", s(&base), s(&overlay)]);
     assert!(
@@ -254,16 +293,7 @@ fn create_refuses_backing_without_format() {
 /// A qemu-made image with data and snapshots, to compare our JSON with qemu-img's.
 fn image_with_snapshots(dir: &Path) -> PathBuf {
     let path = dir.join("snaps.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        s(&path),
-        "16M",
-    ]);
+    qemu_create(&path, "16M", &["-o", "cluster_size=65536"]);
     qemu_io(&path, "write -P 0x11 0 1M");
     qemu_img_ok(&["snapshot", "-c", "first", s(&path)]);
     qemu_io(&path, "write -P 0x22 512k 1M");
@@ -298,20 +328,7 @@ fn info_json_matches_qemu_img() {
         serde_json::from_str(&vmsnap_ok(&["info", "--output=json", s(&path)])).unwrap();
     assert_eq!(again["virtual-size"], ours["virtual-size"]);
 
-    let base = dir.path().join("base.raw");
-    std::fs::write(&base, vec![0u8; MIB as usize]).unwrap();
-    let overlay = dir.path().join("overlay.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&overlay),
-    ]);
+    let overlay = qemu_overlay_over_raw(dir.path());
     let ours: Value =
         serde_json::from_str(&vmsnap_ok(&["info", "--output", "json", s(&overlay)])).unwrap();
     assert_json_agrees(
@@ -436,25 +453,10 @@ fn poke_refcount16(path: &Path, index: u64, value: u16) {
 fn check_exit_codes_json_and_repair() {
     let dir = tmp();
     let path = dir.path().join("disk.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        s(&path),
-        "4M",
-    ]);
+    qemu_create(&path, "4M", &["-o", "cluster_size=4096"]);
     qemu_io(&path, "write -P 0x41 0 64k");
 
-    let out = vmsnap(&["check", s(&path)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "clean image: {}",
-        describe("check", &[], &out)
-    );
+    vmsnap_exits(&["check", s(&path)], 0, "clean image");
 
     // Leak: a cluster appended to the file with refcount 1 and no reference. A fresh
     // 4 KiB-cluster image holds the header, refcount table, refcount block, L1 and L2 in
@@ -472,13 +474,7 @@ fn check_exit_codes_json_and_repair() {
     let data_cluster = 6;
     let (qemu_code, qemu_json) = qemu_check(&leaky);
     assert_eq!(qemu_code, 3, "poke made a leak: {qemu_json}");
-    let out = vmsnap(&["check", "--output", "json", s(&leaky)]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "leaks exit 3: {}",
-        describe("check", &[], &out)
-    );
+    let out = vmsnap_exits(&["check", "--output", "json", s(&leaky)], 3, "leaks exit 3");
     let ours: Value = serde_json::from_slice(&out.stdout).expect("check --output json");
     assert_json_agrees(
         &ours,
@@ -493,13 +489,7 @@ fn check_exit_codes_json_and_repair() {
         ],
         "check --output json",
     );
-    let out = vmsnap(&["check", "-r", "leaks", s(&leaky)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "repaired: {}",
-        describe("check -r leaks", &[], &out)
-    );
+    vmsnap_exits(&["check", "-r", "leaks", s(&leaky)], 0, "repaired");
     assert_qemu_clean(&leaky, "after vmsnap img check -r leaks");
 
     // Corruption: a used cluster's refcount set to 0.
@@ -508,12 +498,10 @@ fn check_exit_codes_json_and_repair() {
     poke_refcount16(&broken, data_cluster, 0);
     let (qemu_code, qemu_json) = qemu_check(&broken);
     assert_eq!(qemu_code, 2, "poke made a corruption: {qemu_json}");
-    let out = vmsnap(&["check", "--output", "json", s(&broken)]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "corruption exits 2: {}",
-        describe("check", &[], &out)
+    let out = vmsnap_exits(
+        &["check", "--output", "json", s(&broken)],
+        2,
+        "corruption exits 2",
     );
     let ours: Value = serde_json::from_slice(&out.stdout).expect("check --output json");
     assert_json_agrees(
@@ -522,13 +510,7 @@ fn check_exit_codes_json_and_repair() {
         &["check-errors", "corruptions"],
         "check of a corrupt image",
     );
-    let out = vmsnap(&["check", "-r", "all", s(&broken)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "repaired: {}",
-        describe("check -r all", &[], &out)
-    );
+    vmsnap_exits(&["check", "-r", "all", s(&broken)], 0, "repaired");
     assert_qemu_clean(&broken, "after vmsnap img check -r all");
     assert_eq!(
         qemu_read(&broken, None),
@@ -541,7 +523,7 @@ fn check_exit_codes_json_and_repair() {
 fn commit_and_rebase() {
     let dir = tmp();
     let base = dir.path().join("base.qcow2");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    qemu_create(&base, "4M", &[]);
     qemu_io(&base, "write -P 0x61 0 2M");
     let other = dir.path().join("other.raw");
     std::fs::write(&other, vec![0x62u8; 4 * MIB as usize]).unwrap();
@@ -600,7 +582,7 @@ fn refusals_are_one_line_and_change_nothing() {
 
     // A qcow2 file with a bad magic: every command refuses it by name.
     let bad = dir.path().join("badmagic.qcow2");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&bad), "4M"]);
+    qemu_create(&bad, "4M", &[]);
     let mut bytes = std::fs::read(&bad).unwrap();
     bytes[..4].copy_from_slice(b"QFIX");
     std::fs::write(&bad, &bytes).unwrap();
@@ -619,7 +601,7 @@ fn refusals_are_one_line_and_change_nothing() {
 
     // Huge nb_snapshots: refused without trying to allocate for them.
     let huge = dir.path().join("huge.qcow2");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&huge), "4M"]);
+    qemu_create(&huge, "4M", &[]);
     let mut bytes = std::fs::read(&huge).unwrap();
     bytes[60..64].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
     std::fs::write(&huge, &bytes).unwrap();
@@ -675,7 +657,7 @@ fn corrupt_headers_are_refused_by_every_command() {
     for (index, (what, offset, bytes)) in cases.iter().enumerate() {
         let name = format!("case{index}.qcow2");
         let path = dir.path().join(&name);
-        qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&path), "4M"]);
+        qemu_create(&path, "4M", &[]);
         qemu_io(&path, "write -P 0x71 0 4k");
         qemu_img_ok(&["snapshot", "-c", "keep", s(&path)]);
         if *what == "snapshot table past EOF" {
@@ -691,23 +673,7 @@ fn corrupt_headers_are_refused_by_every_command() {
             vec!["snapshot", "-a", "keep", "-f", "qcow2", s(&path)],
             vec!["snapshot", "-d", "keep", "-f", "qcow2", s(&path)],
         ] {
-            let out = vmsnap(&args);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                !out.status.success(),
-                "{what}: `vmsnap img {}` succeeded",
-                args.join(" ")
-            );
-            assert!(!stderr.contains("panicked"), "{what}: panic: {stderr}");
-            assert_eq!(
-                stderr.trim_end().lines().count(),
-                1,
-                "{what}: one line: {stderr:?}"
-            );
-            assert!(
-                stderr.contains(&name),
-                "{what}: names the image: {stderr:?}"
-            );
+            vmsnap_refused(&args, &name);
         }
         let out = vmsnap(&["check", s(&path)]);
         assert!(
@@ -726,7 +692,7 @@ fn corrupt_headers_are_refused_by_every_command() {
 fn corrupt_bit_refuses_writes() {
     let dir = tmp();
     let path = dir.path().join("marked.qcow2");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&path), "4M"]);
+    qemu_create(&path, "4M", &[]);
     qemu_img_ok(&["snapshot", "-c", "keep", s(&path)]);
     poke(&path, 79, &[2]); // incompatible feature bit 1: corrupt
     let before = std::fs::read(&path).unwrap();
@@ -744,31 +710,9 @@ fn corrupt_bit_refuses_writes() {
 fn text_output_matches_qemu_img() {
     let dir = tmp();
     let snaps = image_with_snapshots(dir.path());
-    let base = dir.path().join("base.raw");
-    std::fs::write(&base, vec![0u8; MIB as usize]).unwrap();
-    let overlay = dir.path().join("overlay.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        s(&overlay),
-    ]);
+    let overlay = qemu_overlay_over_raw(dir.path());
     let v2 = dir.path().join("v2.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10,cluster_size=4096",
-        s(&v2),
-        "3M",
-    ]);
+    qemu_create(&v2, "3M", &["-o", "compat=0.10,cluster_size=4096"]);
     qemu_io(&v2, "write -P 0x11 0 100k");
     for path in [&snaps, &overlay, &v2] {
         for command in [vec!["info"], vec!["check"], vec!["snapshot", "-l"]] {
@@ -793,14 +737,16 @@ fn text_output_matches_qemu_img() {
 fn format_flag_is_obeyed_not_guessed() {
     let dir = tmp();
     let path = dir.path().join("looks-like-qcow2.img");
-    qemu_img_ok(&["create", "-q", "-f", "qcow2", s(&path), "4M"]);
-    let ours = vmsnap(&["info", "-f", "raw", "--output", "json", s(&path)]);
-    assert!(
-        ours.status.success(),
-        "{}",
-        describe("info -f raw", &[], &ours)
-    );
-    let ours: Value = serde_json::from_slice(&ours.stdout).unwrap();
+    qemu_create(&path, "4M", &[]);
+    let ours: Value = serde_json::from_str(&vmsnap_ok(&[
+        "info",
+        "-f",
+        "raw",
+        "--output",
+        "json",
+        s(&path),
+    ]))
+    .unwrap();
     assert_eq!(ours["format"], "raw");
     let size = std::fs::metadata(&path).unwrap().len();
     assert_eq!(

@@ -2,11 +2,11 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmsnap_core::{DomainState, ErrorKind, Host, LaunchOptions, LockWait, QemuProcess};
-use vmsnap_testguest::{guest_initrd, guest_kernel, Guest, GUEST_KERNEL_CMDLINE};
+use vmsnap_testguest::lab::{self, DiskDef};
+use vmsnap_testguest::Guest;
 
 /// A temporary state directory plus images and a config for one domain.
 struct Bench {
@@ -32,20 +32,14 @@ impl Bench {
         self.path("ctl.sock")
     }
 
-    /// Writes a config for the test guest with a qcow2 vda and a raw vdb.
-    fn write_config(&self, name: &str, extra: &str) -> PathBuf {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            self.path("vda.qcow2").to_str().unwrap(),
-            "64M",
-        ]);
+    /// Writes a config for the test guest with a qcow2 vda and a raw vdb, and
+    /// `extra_qemu_args` for QEMU.
+    fn write_config(&self, name: &str, extra_qemu_args: &[&str]) -> PathBuf {
+        lab::create_qcow2(&self.path("vda.qcow2"), "64M");
         // vdb is declared raw but holds a qcow2 header (pointing at a backing
         // file): it must reach the guest as raw bytes, never be probed.
         let vdb = self.path("vdb.raw");
-        qemu_img(&[
+        lab::qemu_img(&[
             "create",
             "-q",
             "-f",
@@ -59,30 +53,15 @@ impl Bench {
         ]);
         let file = fs::OpenOptions::new().write(true).open(&vdb).unwrap();
         file.set_len(16 << 20).unwrap();
-        let config = format!(
-            r#"name = "{name}"
-memory_mib = 256
-vcpus = 1
-accel = "tcg"
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{cmdline}"
-qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={ctl},server=on,wait=off", "-device", "isa-serial,chardev=ctl"{extra}]
-
-[[disk]]
-target = "vda"
-file = "vda.qcow2"
-format = "qcow2"
-
-[[disk]]
-target = "vdb"
-file = "vdb.raw"
-format = "raw"
-"#,
-            kernel = guest_kernel().unwrap().display(),
-            initrd = guest_initrd().unwrap().display(),
-            cmdline = GUEST_KERNEL_CMDLINE,
-            ctl = self.ctl_socket().display(),
+        let config = lab::guest_domain_toml(
+            name,
+            256,
+            &self.ctl_socket(),
+            extra_qemu_args,
+            &[
+                DiskDef::qcow2("vda", "vda.qcow2"),
+                DiskDef::raw("vdb", "vdb.raw"),
+            ],
         );
         let path = self.path(&format!("{name}.toml"));
         fs::write(&path, config).unwrap();
@@ -103,15 +82,16 @@ impl Drop for Bench {
     }
 }
 
-fn qemu_img(args: &[&str]) {
-    let status = Command::new("qemu-img").args(args).status().unwrap();
-    assert!(status.success(), "qemu-img {args:?}");
-}
+/// Starts paused: the guest need not boot for these checks.
+const PAUSED: LaunchOptions = LaunchOptions {
+    paused: true,
+    incoming_defer: false,
+};
 
 #[tokio::test]
 async fn define_start_io_suspend_resume_destroy_undefine() {
     let bench = Bench::new();
-    let config = bench.write_config("life", "");
+    let config = bench.write_config("life", &[]);
     let domain = bench.host.define(&config, LockWait::Fail).unwrap();
     assert_eq!(domain.name(), "life");
     assert_eq!(domain.disks().len(), 2);
@@ -266,18 +246,11 @@ async fn define_start_io_suspend_resume_destroy_undefine() {
 #[tokio::test]
 async fn sigkilled_qemu_is_reported_crashed_and_cleaned_up() {
     let bench = Bench::new();
-    let config = bench.write_config("crash", "");
+    let config = bench.write_config("crash", &[]);
     bench.host.define(&config, LockWait::Fail).unwrap();
     let (lock, domain) = bench.host.lock("crash", LockWait::Fail).unwrap();
     domain
-        .start(
-            bench.host.store(),
-            &lock,
-            LaunchOptions {
-                paused: true,
-                incoming_defer: false,
-            },
-        )
+        .start(bench.host.store(), &lock, PAUSED)
         .await
         .unwrap();
     assert_eq!(domain.state().await.unwrap(), DomainState::Paused);
@@ -316,14 +289,7 @@ async fn sigkilled_qemu_is_reported_crashed_and_cleaned_up() {
 
     // It starts again from the crashed state, and the crash mark goes away.
     domain
-        .start(
-            bench.host.store(),
-            &lock,
-            LaunchOptions {
-                paused: true,
-                incoming_defer: false,
-            },
-        )
+        .start(bench.host.store(), &lock, PAUSED)
         .await
         .unwrap();
     let domain = bench.host.domain("crash").unwrap();
@@ -335,7 +301,7 @@ async fn sigkilled_qemu_is_reported_crashed_and_cleaned_up() {
 #[tokio::test]
 async fn qemu_start_failure_shows_stderr_and_leaves_nothing() {
     let bench = Bench::new();
-    let config = bench.write_config("broken", r#", "-device", "no-such-device""#);
+    let config = bench.write_config("broken", &["-device", "no-such-device"]);
     bench.host.define(&config, LockWait::Fail).unwrap();
     let (lock, domain) = bench.host.lock("broken", LockWait::Fail).unwrap();
     let err = domain
@@ -381,7 +347,7 @@ async fn qemu_start_failure_shows_stderr_and_leaves_nothing() {
 #[tokio::test]
 async fn busy_domain_is_refused_then_waited_for() {
     let bench = Bench::new();
-    let config = bench.write_config("busy", "");
+    let config = bench.write_config("busy", &[]);
     bench.host.define(&config, LockWait::Fail).unwrap();
     let (lock, _) = bench.host.lock("busy", LockWait::Fail).unwrap();
     let err = bench.host.lock("busy", LockWait::Fail).unwrap_err();
@@ -412,7 +378,7 @@ async fn busy_domain_is_refused_then_waited_for() {
 #[test]
 fn bad_config_is_rejected_with_key_and_line() {
     let bench = Bench::new();
-    let config = bench.write_config("bad", "");
+    let config = bench.write_config("bad", &[]);
     let text = fs::read_to_string(&config)
         .unwrap()
         .replace("vcpus = 1", "vcpus = 1\nmemroy = 5");

@@ -9,14 +9,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use vmsnap_core::snapshot::orchestrate::{CreateRequest, Orchestrator, Progress, RevertMode};
 use vmsnap_core::snapshot::render::render_tree;
 use vmsnap_core::snapshot::tree::DeleteScope;
 use vmsnap_core::{Host, LaunchOptions, LockWait, QemuProcess};
-use vmsnap_testguest::{guest_initrd, guest_kernel, Guest, GUEST_KERNEL_CMDLINE};
+use vmsnap_testguest::lab::{self, DiskDef};
+use vmsnap_testguest::Guest;
 
 const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// The guest region the test writes to and checks, per disk.
@@ -53,39 +53,15 @@ impl Bench {
             .unwrap();
         let host = Host::open(Some(&dir.path().join("state"))).unwrap();
         let path = |f: &str| dir.path().join(f);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            path("vda.qcow2").to_str().unwrap(),
-            "32M",
-        ]);
+        lab::create_qcow2(&path("vda.qcow2"), "32M");
         let mut disks = vec!["vda"];
-        let mut disk_toml =
-            "[[disk]]\ntarget = \"vda\"\nfile = \"vda.qcow2\"\nformat = \"qcow2\"\n".to_string();
+        let mut disk_defs = vec![DiskDef::qcow2("vda", "vda.qcow2")];
         if raw_vdb {
             fs::write(path("vdb.raw"), vec![0u8; 8 << 20]).unwrap();
-            disk_toml
-                .push_str("\n[[disk]]\ntarget = \"vdb\"\nfile = \"vdb.raw\"\nformat = \"raw\"\n");
+            disk_defs.push(DiskDef::raw("vdb", "vdb.raw"));
             disks.push("vdb");
         }
-        let config = format!(
-            r#"name = "{name}"
-memory_mib = 192
-vcpus = 1
-accel = "tcg"
-kernel = "{kernel}"
-initrd = "{initrd}"
-cmdline = "{cmdline}"
-qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={ctl},server=on,wait=off", "-device", "isa-serial,chardev=ctl"]
-
-{disk_toml}"#,
-            kernel = guest_kernel().unwrap().display(),
-            initrd = guest_initrd().unwrap().display(),
-            cmdline = GUEST_KERNEL_CMDLINE,
-            ctl = path("ctl.sock").display(),
-        );
+        let config = lab::guest_domain_toml(name, 192, &path("ctl.sock"), &[], &disk_defs);
         fs::write(path("dom.toml"), config).unwrap();
         host.define(&path("dom.toml"), LockWait::Fail).unwrap();
         Bench {
@@ -190,11 +166,7 @@ qemu_args = ["-no-reboot", "-chardev", "socket,id=ctl,path={ctl},server=on,wait=
             .domain_paths(&self.name)
             .dir
             .join("snapshots");
-        if let Ok(entries) = fs::read_dir(&snapdir) {
-            for entry in entries {
-                out.push(entry.unwrap().path());
-            }
-        }
+        out.extend(lab::dir_entries(&snapdir));
         out.sort();
         out
     }
@@ -210,16 +182,6 @@ impl Drop for Bench {
     }
 }
 
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
@@ -228,18 +190,7 @@ fn allocated(path: &Path) -> u64 {
 fn check_images(files: &[PathBuf]) {
     for file in files {
         if file.extension().is_some_and(|e| e == "qcow2") {
-            let out = Command::new("qemu-img")
-                .args(["check", "-q", "-U", "-f", "qcow2", file.to_str().unwrap()])
-                .output()
-                .unwrap();
-            // 0: clean; 3: leaked clusters only (allowed, repairable).
-            assert!(
-                matches!(out.status.code(), Some(0) | Some(3)),
-                "qemu-img check {}: {}{}",
-                file.display(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            lab::assert_qemu_img_check(file);
         }
     }
 }
@@ -358,7 +309,7 @@ async fn fan_out(bench: &Bench, kind_of: impl Fn(&str) -> Kind) {
             file.display()
         );
         if file.extension().is_some_and(|e| e == "qcow2") {
-            let list = qemu_img(&["snapshot", "-U", "-l", file.to_str().unwrap()]);
+            let list = lab::qemu_img(&["snapshot", "-U", "-l", file.to_str().unwrap()]);
             assert!(
                 list.trim().is_empty(),
                 "{} still holds snapshots:\n{list}",

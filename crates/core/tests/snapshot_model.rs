@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use vmsnap_core::snapshot::orchestrate::{CreateRequest, Orchestrator, Progress, RevertMode};
 use vmsnap_core::snapshot::tree::DeleteScope;
 use vmsnap_core::{Host, LockWait};
+use vmsnap_testguest::lab::{self, qemu_io, DiskDef};
 
 const REGIONS: u64 = 4;
 const MIB: u64 = 1 << 20;
@@ -32,19 +32,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-fn qemu_io(image: &Path, command: &str) -> String {
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", command, image.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-io {command}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn active(host: &Host) -> PathBuf {
@@ -68,37 +55,25 @@ fn check_state(host: &Host, expected: &[u8], context: &str) {
     }
 }
 
+fn snapshot_files(host: &Host) -> Vec<PathBuf> {
+    lab::dir_entries(&host.state_dir().domain_paths("model").dir.join("snapshots"))
+}
+
 fn check_images(host: &Host, base: &Path, context: &str) {
-    let dir = host.state_dir().domain_paths("model").dir.join("snapshots");
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|e| e.map(|e| e.unwrap().path()).collect())
-        .unwrap_or_default();
+    let mut files = snapshot_files(host);
     files.push(base.to_path_buf());
     for file in files {
-        let out = Command::new("qemu-img")
-            .args(["check", "-q", "-f", "qcow2", file.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{context}: {} does not check clean",
-            file.display()
-        );
+        lab::assert_qemu_img_check_clean(&file, context);
     }
 }
 
 async fn run(seed: u64, steps: usize) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("vda.qcow2");
-    let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    lab::create_qcow2(&base, "8M");
     fs::write(
         dir.path().join("model.toml"),
-        "name = \"model\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nfirmware = \"/usr/share/seabios/bios.bin\"\n\n[[disk]]\ntarget = \"vda\"\nfile = \"vda.qcow2\"\nformat = \"qcow2\"\n",
+        lab::stopped_domain_toml("model", 128, &[DiskDef::qcow2("vda", "vda.qcow2")]),
     )
     .unwrap();
     let host = Host::open(Some(&dir.path().join("state"))).unwrap();
@@ -184,11 +159,7 @@ async fn run(seed: u64, steps: usize) {
         .iter()
         .map(|l| l.path.clone())
         .collect();
-    let dir = host.state_dir().domain_paths("model").dir.join("snapshots");
-    for file in fs::read_dir(dir)
-        .map(|e| e.map(|e| e.unwrap().path()).collect::<Vec<_>>())
-        .unwrap_or_default()
-    {
+    for file in snapshot_files(&host) {
         assert!(
             chain.contains(&file),
             "seed {seed}: {} left behind",

@@ -7,26 +7,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use vmsnap_core::snapshot::orchestrate::{CreateRequest, Orchestrator, Progress, RevertMode};
 use vmsnap_core::snapshot::tree::DeleteScope;
 use vmsnap_core::{Host, LockWait};
+use vmsnap_testguest::lab::{self, qemu_io, DiskDef};
 
 fn no_progress(_: Progress<'_>) {}
-
-fn qemu_io(image: &Path, command: &str) -> String {
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", command, image.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-io {command}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Reads 1 MiB at `offset` of the disk and checks it is all `byte`.
 fn expect(image: &Path, offset: u64, byte: u8) {
@@ -45,26 +32,17 @@ fn active(host: &Host) -> PathBuf {
 }
 
 fn snapshot_files(host: &Host) -> Vec<PathBuf> {
-    let dir = host.state_dir().domain_paths("off").dir.join("snapshots");
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|e| e.map(|e| e.unwrap().path()).collect())
-        .unwrap_or_default();
-    files.sort();
-    files
+    lab::dir_entries(&host.state_dir().domain_paths("off").dir.join("snapshots"))
 }
 
 #[tokio::test]
 async fn stopped_domain_internal_and_external() {
     let dir = tempfile::tempdir().unwrap();
     let vda = dir.path().join("vda.qcow2");
-    let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", vda.to_str().unwrap(), "16M"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    lab::create_qcow2(&vda, "16M");
     fs::write(
         dir.path().join("off.toml"),
-        "name = \"off\"\nmemory_mib = 128\nvcpus = 1\naccel = \"tcg\"\nfirmware = \"/usr/share/seabios/bios.bin\"\n\n[[disk]]\ntarget = \"vda\"\nfile = \"vda.qcow2\"\nformat = \"qcow2\"\n",
+        lab::stopped_domain_toml("off", 128, &[DiskDef::qcow2("vda", "vda.qcow2")]),
     )
     .unwrap();
     let host = Host::open(Some(&dir.path().join("state"))).unwrap();
@@ -144,23 +122,10 @@ async fn stopped_domain_internal_and_external() {
         assert!(chain.contains(&file), "{} left behind", file.display());
     }
     for file in chain.iter().chain(std::iter::once(&vda)) {
-        let out = Command::new("qemu-img")
-            .args(["check", "-q", "-f", "qcow2", file.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let list = Command::new("qemu-img")
-            .args(["snapshot", "-l", file.to_str().unwrap()])
-            .output()
-            .unwrap();
+        lab::assert_qemu_img_check_clean(file, "after deleting every snapshot");
+        let list = lab::qemu_img(&["snapshot", "-l", file.to_str().unwrap()]);
         assert!(
-            String::from_utf8_lossy(&list.stdout).trim().is_empty(),
+            list.trim().is_empty(),
             "{} still holds snapshots",
             file.display()
         );

@@ -152,6 +152,20 @@ pub fn assert_qemu_img_check(image: &Path) {
     }
 }
 
+/// Requires `qemu-img check` of a qcow2 image nothing holds open to find it
+/// perfectly clean (exit 0: not even leaked clusters).
+pub fn assert_qemu_img_check_clean(image: &Path, context: &str) {
+    let out = run_tool("qemu-img", &["check", "-f", "qcow2", utf8(image)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{context}: {} does not check clean: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The entries of one directory, sorted; none when it does not exist (a
 /// domain that never had a snapshot has no snapshots directory).
 pub fn dir_entries(dir: &Path) -> Vec<PathBuf> {
