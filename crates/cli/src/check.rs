@@ -171,7 +171,7 @@ fn render(report: &CheckReport) -> String {
     }
     if left(true) && report.repair != Some(CheckRepair::All) {
         out.push_str(&format!(
-            "Run `vmsnap check {} -r all` to also remove the files vmsnap no longer records as its own.\n",
+            "Run `vmsnap check {} -r all` to remove the files vmsnap no longer records as its own.\n",
             report.domain
         ));
     }
