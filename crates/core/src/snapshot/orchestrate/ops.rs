@@ -2177,3 +2177,43 @@ impl PrivateMode for std::fs::OpenOptions {
         self.mode(0o600)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ram_blocks;
+
+    /// `info ramblock` of QEMU 7.2 (pc machine, 128 MiB, std VGA, e1000).
+    const INFO_RAMBLOCK: &str = "              Block Name    PSize              Offset               Used              Total
+                  pc.ram    4 KiB  0x0000000000000000 0x0000000008000000 0x0000000008000000
+   0000:00:02.0/vga.vram    4 KiB  0x0000000008080000 0x0000000001000000 0x0000000001000000
+    /rom@etc/acpi/tables    4 KiB  0x0000000009100000 0x0000000000020000 0x0000000000200000
+                 pc.bios    4 KiB  0x0000000008000000 0x0000000000040000 0x0000000000040000
+  0000:00:03.0/e1000.rom    4 KiB  0x00000000090c0000 0x0000000000040000 0x0000000000040000
+                  pc.rom    4 KiB  0x0000000008040000 0x0000000000020000 0x0000000000020000
+    0000:00:02.0/vga.rom    4 KiB  0x0000000009080000 0x0000000000010000 0x0000000000010000
+   /rom@etc/table-loader    4 KiB  0x0000000009300000 0x0000000000001000 0x0000000000010000
+      /rom@etc/acpi/rsdp    4 KiB  0x0000000009340000 0x0000000000001000 0x0000000000001000
+";
+
+    #[test]
+    fn every_ram_block_counts_with_its_used_length() {
+        let blocks = ram_blocks(INFO_RAMBLOCK);
+        assert_eq!(blocks.len(), 9);
+        assert_eq!(blocks[0], ("pc.ram".to_string(), 128 << 20));
+        assert_eq!(blocks[1], ("0000:00:02.0/vga.vram".to_string(), 16 << 20));
+        // Used, not Total: the ACPI tables block may grow to 2 MiB but uses 128 KiB.
+        assert_eq!(blocks[2].1, 0x20000);
+        let total: u64 = blocks.iter().map(|(_, used)| used).sum();
+        assert_eq!(
+            total,
+            0x8000000 + 0x1000000 + 0x20000 + 0x40000 * 2 + 0x20000 + 0x10000 + 0x2000
+        );
+    }
+
+    #[test]
+    fn an_unexpected_listing_yields_no_blocks() {
+        assert!(ram_blocks("").is_empty());
+        assert!(ram_blocks("unknown command: 'info ramblock'\n").is_empty());
+        assert!(ram_blocks("header\n  pc.ram 4 KiB 0x0 0xnothex 0x0\n").is_empty());
+    }
+}
