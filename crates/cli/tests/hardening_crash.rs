@@ -314,7 +314,11 @@ fn sweep(prefix: &str, kind: &[&str], delays_ms: &[u64]) {
         );
         guest = match check.guest_runs(&what, guest) {
             Some(g) => g,
-            None => break,
+            None => {
+                return check
+                    .v
+                    .assert_none(&format!("SIGKILL of vmsnap ({prefix})"))
+            }
         };
 
         // vmsnap killed during the delete of a fresh leaf (the current snapshot).
@@ -349,7 +353,11 @@ fn sweep(prefix: &str, kind: &[&str], delays_ms: &[u64]) {
         check.after_kill(&what, None);
         guest = match check.guest_runs(&what, guest) {
             Some(g) => g,
-            None => break,
+            None => {
+                return check
+                    .v
+                    .assert_none(&format!("SIGKILL of vmsnap ({prefix})"))
+            }
         };
 
         // vmsnap killed during a revert to base: afterwards the domain is
@@ -385,10 +393,17 @@ fn sweep(prefix: &str, kind: &[&str], delays_ms: &[u64]) {
         };
         guest = match check.reverts_exactly(&what, &target, Some(guest)) {
             Some(g) => g,
-            None => break,
+            None => {
+                return check
+                    .v
+                    .assert_none(&format!("SIGKILL of vmsnap ({prefix})"))
+            }
         };
     }
-    // Every snapshot that survived still reverts exactly.
+    // Every snapshot that survived still reverts exactly. The guest's
+    // control channel takes one client at a time and an internal revert
+    // keeps the same QEMU (and channel), so close ours first.
+    drop(guest);
     let names: Vec<String> = check.completed.keys().cloned().collect();
     for name in names {
         if check.reverts_exactly("final sweep", &name, None).is_none() {

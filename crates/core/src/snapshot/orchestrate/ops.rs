@@ -16,6 +16,7 @@ use super::model::{
 };
 use super::offline;
 use super::plan::{live_content_needed, needed_files, plan_merge, without_layer, Merge};
+use super::recover::job_id;
 use super::runtime::{qmp_error, shell_quote, FdMonitor};
 use super::spec::{DiskSpec, MemSpec};
 use super::store::{failpoint, Change, Intent, Operation, SnapshotStore, StoredSnapshot};
@@ -122,7 +123,7 @@ fn io_error(action: &str, path: &Path) -> impl FnOnce(std::io::Error) -> Snapsho
     }
 }
 
-pub(super) fn now_unix() -> i64 {
+fn now_unix() -> i64 {
     crate::store::now_unix()
 }
 
@@ -526,7 +527,7 @@ impl<'a> Orchestrator<'a> {
                 });
                 intent.step = "snapshot-save".into();
                 self.snaps.step(id, &intent)?;
-                let job = format!("vmsnap-save-{}", now_unix());
+                let job = job_id("save");
                 qmp.execute(
                     "snapshot-save",
                     Some(json!({"job-id": job, "tag": name, "vmstate": vmstate, "devices": node_names})),
@@ -1238,7 +1239,21 @@ impl<'a> Orchestrator<'a> {
         progress: ProgressFn<'_>,
     ) -> Result<RevertOutcome> {
         let dom = self.lock(domain)?;
-        let mut notes = self.recover_locked(&dom).await?;
+        let notes = self.recover_locked(&dom).await?;
+        self.revert_locked(&dom, name, mode, progress, notes).await
+    }
+
+    /// [`Self::revert`] on a locked, recovered domain (recovery also uses it
+    /// to finish a revert a killed vmsnap had begun); `notes` so far go first.
+    pub(super) async fn revert_locked(
+        &self,
+        dom: &Domain,
+        name: &str,
+        mode: RevertMode,
+        progress: ProgressFn<'_>,
+        mut notes: Vec<String>,
+    ) -> Result<RevertOutcome> {
+        let domain = dom.name.as_str();
         let snapshots = self.snaps.snapshots(domain)?;
         let target = snapshots
             .iter()
@@ -1336,7 +1351,7 @@ impl<'a> Orchestrator<'a> {
         self.snaps.own(domain, &new_files)?;
         let mut intent = Intent::new(Operation::Revert, name);
         let id = self.snaps.begin(domain, &intent)?;
-        let qmp = self.running_qmp(&dom).await?;
+        let qmp = self.running_qmp(dom).await?;
         let same_images = new_chains.iter().all(|(target, chain)| {
             chains
                 .iter()
@@ -1354,7 +1369,7 @@ impl<'a> Orchestrator<'a> {
                 intent.step = "snapshot-load".into();
                 self.snaps.step(id, &intent)?;
                 let r = self
-                    .load_internal(&dom, &qmp, &chains, &target, vmstate_disk, want, progress)
+                    .load_internal(dom, &qmp, &chains, &target, vmstate_disk, want, progress)
                     .await;
                 qmp.close().await;
                 r.map(|_| chains.clone())
@@ -1363,7 +1378,7 @@ impl<'a> Orchestrator<'a> {
                 if let Some(qmp) = qmp {
                     intent.step = "stop QEMU".into();
                     self.snaps.step(id, &intent)?;
-                    self.stop_qemu(&dom, qmp).await?;
+                    self.stop_qemu(dom, qmp).await?;
                 }
                 intent.step = "prepare images".into();
                 self.snaps.step(id, &intent)?;
@@ -1397,7 +1412,7 @@ impl<'a> Orchestrator<'a> {
                     .map(|(target, chain)| disk_chain_of(target, chain, None))
                     .collect();
                 self.revert_start(
-                    &dom,
+                    dom,
                     &disk_chains,
                     &target,
                     &actions,
@@ -1421,16 +1436,16 @@ impl<'a> Orchestrator<'a> {
                     .commit(domain, id, Operation::Revert, &change, None)?;
             }
             Err(err) => {
-                let qmp = self.running_qmp(&dom).await.ok().flatten();
+                let qmp = self.running_qmp(dom).await.ok().flatten();
                 if let Some(qmp) = &qmp {
-                    let _ = self.adopt_live_chains(&dom, qmp, &mut notes).await;
+                    let _ = self.adopt_live_chains(dom, qmp, &mut notes).await;
                 }
                 self.snaps.close(id)?;
-                self.collect_garbage(&dom)?;
+                self.collect_garbage(dom)?;
                 return Err(err);
             }
         }
-        notes.extend(self.collect_garbage(&dom)?);
+        notes.extend(self.collect_garbage(dom)?);
         Ok(RevertOutcome {
             name: name.to_string(),
             state: want.as_str().to_string(),
@@ -1469,7 +1484,7 @@ impl<'a> Orchestrator<'a> {
             done: 0,
             total: 0,
         });
-        let job = format!("vmsnap-load-{}", now_unix());
+        let job = job_id("load");
         qmp.execute(
             "snapshot-load",
             Some(
@@ -1891,7 +1906,7 @@ impl<'a> Orchestrator<'a> {
         let child = node(&merge.child.file);
         let frozen = node(&merge.frozen.file);
         let base = node(&merge.base.file);
-        let job = format!("vmsnap-stream-{}", now_unix());
+        let job = job_id("stream");
         progress(Progress {
             step: &format!("merging {}", merge.target),
             done: 0,

@@ -6,39 +6,86 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
-use vmsnap_qmp::Qmp;
+use vmsnap_qcow2::{Qcow2Image, RepairMode};
+use vmsnap_qmp::{JobStatus, Qmp};
 
-use super::error::Result;
-use super::model::chains_of;
+use super::error::{Result, SnapshotError};
+use super::model::{chains_of, DiskCapture};
 use super::offline;
-use super::ops::{enable_discard, now_unix, Domain, Orchestrator, JOB_TIMEOUT};
+use super::ops::{enable_discard, Domain, Orchestrator, Progress, RevertMode, JOB_TIMEOUT};
 use super::plan::needed_files;
 use super::runtime::qmp_error;
-use super::store::Change;
+use super::store::{Change, Intent, OpenIntent, Operation};
 use crate::config::DiskFormat;
 use crate::disk::{file_node_name, DiskChain};
+use crate::domain::QemuProcess;
+
+/// Every QMP job id vmsnap gives starts so; recovery settles leftovers by it.
+const JOB_PREFIX: &str = "vmsnap-";
+
+/// How long recovery waits for a job a killed vmsnap left running in QEMU
+/// before it gives up (and the command fails, to be tried again later).
+const LEFTOVER_JOB_WAIT: Duration = Duration::from_secs(120);
+
+/// How long recovery keeps trying to reach a QEMU that is alive but silent.
+const BUSY_QEMU_WAIT: Duration = Duration::from_secs(120);
+
+/// Pause between two looks at a busy QEMU.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Passes of recovery before a monitor that keeps breaking is reported.
+const RECOVERY_ATTEMPTS: u32 = 3;
 
 impl Orchestrator<'_> {
     /// Finishes or rolls back what a killed vmsnap left on `domain` and
     /// removes files nothing needs; returns what it did, one line each.
     pub async fn recover(&self, domain: &str) -> Result<Vec<String>> {
+        // Recovery changes images only to record it; on a full state disk it cannot.
+        self.store().ensure_writable()?;
         let dom = self.lock(domain)?;
         self.recover_locked(&dom).await
     }
 
+    /// [`Self::recover`] for a domain whose lock is held. A monitor
+    /// connection that breaks half way (QEMU exiting, or busy past the
+    /// timeout) makes it start over: every step can run twice.
     pub(super) async fn recover_locked(&self, dom: &Domain) -> Result<Vec<String>> {
         let mut notes = Vec::new();
-        let intents = self.snaps.open_intents(&dom.name)?;
-        let qmp = self.running_qmp(dom).await?;
-        if let Some(qmp) = &qmp {
-            if !intents.is_empty() {
-                self.adopt_live_chains(dom, qmp, &mut notes).await?;
+        let mut attempt = 1;
+        loop {
+            match self.recover_pass(dom, &mut notes).await {
+                Err(err) if attempt < RECOVERY_ATTEMPTS && lost_monitor(&err) => attempt += 1,
+                Err(err) => return Err(err),
+                Ok(()) => return Ok(notes),
             }
         }
+    }
+
+    /// One pass of recovery: settle QEMU's leftover jobs, then roll back or
+    /// finish each open intent, repair what the engine was changing, and
+    /// clean up.
+    async fn recover_pass(&self, dom: &Domain, notes: &mut Vec<String>) -> Result<()> {
+        let intents = self.snaps.open_intents(&dom.name)?;
+        let qmp = self.recovery_qmp(dom).await?;
+        if let Some(qmp) = &qmp {
+            self.settle_jobs(dom, qmp, notes).await?;
+            if !intents.is_empty() {
+                self.adopt_live_chains(dom, qmp, notes).await?;
+            }
+        }
+        // Reverts past their first step are finished, not rolled back: the
+        // old QEMU may be gone already, and with it the state to go back to.
+        let mut reverts: Vec<OpenIntent> = Vec::new();
         for open in intents {
             let intent = &open.intent;
+            if intent.op == Operation::Revert && !intent.committed && intent.step != "begin" {
+                reverts.push(open);
+                continue;
+            }
             let mut remaining = Vec::new();
             let tags = if intent.committed {
                 &intent.doomed_tags
@@ -47,6 +94,9 @@ impl Orchestrator<'_> {
             };
             for (image, tag) in tags {
                 if let Err(err) = self.delete_tag(dom, qmp.as_ref(), image, tag).await {
+                    if lost_monitor(&err) {
+                        return Err(err);
+                    }
                     remaining.push((image.clone(), tag.clone(), err.to_string()));
                 }
             }
@@ -65,17 +115,26 @@ impl Orchestrator<'_> {
                     }
                 }
             }
+            let what = format!(
+                "the interrupted {} of snapshot '{}'",
+                intent.op.as_str(),
+                intent.snapshot
+            );
+            let mut repaired = Vec::new();
+            if qmp.is_none() {
+                for image in self.touched_images(&dom.name, intent)? {
+                    repaired.extend(repair_image(&image, &what));
+                }
+            }
             if remaining.is_empty() {
                 self.snaps.close(open.id)?;
                 notes.push(format!(
-                    "{} the interrupted {} of snapshot '{}'",
+                    "{} {what}",
                     if intent.committed {
                         "finished"
                     } else {
                         "rolled back"
                     },
-                    intent.op.as_str(),
-                    intent.snapshot
                 ));
             } else {
                 let mut left = intent.clone();
@@ -87,14 +146,210 @@ impl Orchestrator<'_> {
                 left.new_tags.clear();
                 left.paused_guest = false;
                 self.snaps.step(open.id, &left)?;
+                for (image, tag, err) in &remaining {
+                    notes.push(format!(
+                        "internal snapshot '{tag}' of {what} stays in {} for now ({err}); a later command removes it",
+                        image.display()
+                    ));
+                }
             }
+            notes.append(&mut repaired);
         }
         if let Some(qmp) = qmp {
             self.release_unneeded_nodes(dom, &qmp).await?;
             qmp.close().await;
         }
+        if !reverts.is_empty() {
+            self.finish_reverts(dom, &reverts, notes).await?;
+        }
         notes.extend(self.collect_garbage(dom)?);
-        Ok(notes)
+        Ok(())
+    }
+
+    /// Finishes interrupted reverts by reverting again (to the last one's
+    /// target, in the state the snapshot recorded), then closes their
+    /// journal entries. Only then may the dead attempt's files go: until
+    /// the new revert has committed, they may be all the domain runs on.
+    async fn finish_reverts(
+        &self,
+        dom: &Domain,
+        reverts: &[OpenIntent],
+        notes: &mut Vec<String>,
+    ) -> Result<()> {
+        let Some(last) = reverts.last() else {
+            return Ok(());
+        };
+        let name = &last.intent.snapshot;
+        let what = format!("the interrupted revert to snapshot '{name}'");
+        if self.qemu_is_down(dom)? {
+            for open in reverts {
+                for image in self.touched_images(&dom.name, &open.intent)? {
+                    notes.extend(repair_image(&image, &what));
+                }
+            }
+        }
+        let exists = self
+            .snaps
+            .snapshots(&dom.name)?
+            .iter()
+            .any(|s| &s.name == name);
+        if exists {
+            let quiet = |_: Progress<'_>| {};
+            match self
+                .revert_locked(dom, name, RevertMode::AsRecorded, &quiet, Vec::new())
+                .await
+            {
+                Ok(outcome) => {
+                    notes.extend(outcome.notes);
+                    notes.push(format!("finished {what} (the domain is {})", outcome.state));
+                }
+                Err(err) if lost_monitor(&err) => return Err(err),
+                Err(err) => notes.push(format!(
+                    "could not finish {what}: {err}; revert again with `vmsnap snapshot-revert {} {name}`",
+                    dom.name
+                )),
+            }
+        }
+        for open in reverts {
+            self.snaps.close(open.id)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the domain's QEMU is not running (so the engine may open its images).
+    fn qemu_is_down(&self, dom: &Domain) -> Result<bool> {
+        Ok(!matches!(
+            dom.vm.reconcile(self.store(), &dom.lock)?,
+            QemuProcess::Alive(_)
+        ))
+    }
+
+    /// A monitor connection when the domain's QEMU runs, `None` when it
+    /// does not (or exits while we wait). QEMU answers a new client only
+    /// once its main loop is free, and a snapshot-save or -load a killed
+    /// vmsnap started keeps it busy for as long as the job takes, so a
+    /// QEMU that is alive but silent gets more time than one command.
+    async fn recovery_qmp(&self, dom: &Domain) -> Result<Option<Qmp>> {
+        let deadline = Instant::now() + BUSY_QEMU_WAIT;
+        loop {
+            match dom.vm.reconcile(self.store(), &dom.lock)? {
+                QemuProcess::Alive(_) => {}
+                QemuProcess::NotRunning | QemuProcess::Gone(_) => return Ok(None),
+            }
+            match dom.vm.connect_qmp(&dom.lock).await {
+                Ok(qmp) => return Ok(Some(qmp)),
+                Err(err) => {
+                    let err = SnapshotError::from(err);
+                    if !lost_monitor(&err) || Instant::now() >= deadline {
+                        return Err(err);
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    /// Lets the QEMU jobs a killed vmsnap started (ids `vmsnap-*`) end and
+    /// dismisses them, so their ids are free again and the intents are
+    /// judged on what the jobs really did.
+    /// A job that needs a last push (a ready active commit, a pending job)
+    /// gets it, since the dead process was about to give it.
+    async fn settle_jobs(&self, dom: &Domain, qmp: &Qmp, notes: &mut Vec<String>) -> Result<()> {
+        let deadline = Instant::now() + LEFTOVER_JOB_WAIT;
+        let mut pushed = BTreeSet::new();
+        loop {
+            let jobs = qmp
+                .query_jobs()
+                .await
+                .map_err(qmp_error(&dom.name, "query-jobs"))?;
+            let mut busy = Vec::new();
+            for job in jobs.into_iter().filter(|j| j.id.starts_with(JOB_PREFIX)) {
+                match job.status {
+                    JobStatus::Concluded => {
+                        qmp.job_dismiss(&job.id)
+                            .await
+                            .map_err(qmp_error(&dom.name, "job-dismiss"))?;
+                        notes.push(match &job.error {
+                            None => format!(
+                                "QEMU's {} job {} left by an interrupted command had completed; dismissed it",
+                                job.job_type.as_str(),
+                                job.id
+                            ),
+                            Some(error) => format!(
+                                "QEMU's {} job {} left by an interrupted command had failed ({error}); dismissed it",
+                                job.job_type.as_str(),
+                                job.id
+                            ),
+                        });
+                    }
+                    JobStatus::Null => {}
+                    JobStatus::Ready | JobStatus::Pending if !pushed.contains(&job.id) => {
+                        let command = if job.status == JobStatus::Ready {
+                            "job-complete"
+                        } else {
+                            "job-finalize"
+                        };
+                        qmp.execute(command, Some(json!({"id": job.id})))
+                            .await
+                            .map_err(qmp_error(&dom.name, command))?;
+                        pushed.insert(job.id.clone());
+                        busy.push(job);
+                    }
+                    _ => busy.push(job),
+                }
+            }
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let list: Vec<String> = busy
+                    .iter()
+                    .map(|j| {
+                        format!(
+                            "{} job {} ({})",
+                            j.job_type.as_str(),
+                            j.id,
+                            j.status.as_str()
+                        )
+                    })
+                    .collect();
+                return Err(SnapshotError::Conflict(format!(
+                    "QEMU of domain {} still runs {} that an interrupted vmsnap started, after {}s; \
+                     try again once it has ended (see `query-jobs`)",
+                    dom.name,
+                    list.join(", "),
+                    LEFTOVER_JOB_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// The qcow2 images an intent's steps may have been changing through
+    /// the engine: the images of its tags, and for a revert the images that
+    /// hold the target snapshot.
+    fn touched_images(&self, domain: &str, intent: &Intent) -> Result<Vec<PathBuf>> {
+        let mut images: BTreeSet<PathBuf> = intent
+            .new_tags
+            .iter()
+            .chain(&intent.doomed_tags)
+            .map(|(image, _)| image.clone())
+            .collect();
+        if intent.op == Operation::Revert {
+            if let Some(target) = self
+                .snaps
+                .snapshots(domain)?
+                .into_iter()
+                .find(|s| s.name == intent.snapshot)
+            {
+                for capture in target.storage.disks.values() {
+                    if let DiskCapture::Internal { chain, .. } = capture {
+                        images.insert(chain.top().file.clone());
+                    }
+                }
+            }
+        }
+        Ok(images.into_iter().filter(|p| p.exists()).collect())
     }
 
     /// Removes from a running QEMU the block nodes an interrupted operation
@@ -262,7 +517,7 @@ impl Orchestrator<'_> {
                 qmp.execute("blockdev-reopen", Some(reopen(false)))
                     .await
                     .map_err(qmp_error(&dom.name, "blockdev-reopen"))?;
-                let job = format!("vmsnap-delete-{}", now_unix());
+                let job = job_id("delete");
                 let deleted = match qmp
                     .execute(
                         "snapshot-delete",
@@ -281,4 +536,89 @@ impl Orchestrator<'_> {
         }
         offline::delete_tag_if_present(image, tag)
     }
+}
+
+/// A QMP job id for one attempt (`vmsnap-KIND-PID-NANOS-SEQ`). QEMU refuses
+/// an id that a concluded job still holds, and a killed vmsnap never
+/// dismisses its jobs, so ids must never repeat, not even within a second.
+pub(super) fn job_id(kind: &str) -> String {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{JOB_PREFIX}{kind}-{}-{nanos}-{}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Whether an error means the monitor connection broke or QEMU did not
+/// answer (QEMU exiting or busy), rather than QEMU refusing something.
+fn lost_monitor(err: &SnapshotError) -> bool {
+    use vmsnap_qmp::ErrorKind as Kind;
+    let source: &(dyn std::error::Error + 'static) = match err {
+        SnapshotError::Qemu { source, .. } => source.as_ref(),
+        SnapshotError::Core(err) => err,
+        _ => return false,
+    };
+    let mut cause = Some(source);
+    while let Some(err) = cause {
+        if let Some(qmp) = err.downcast_ref::<vmsnap_qmp::Error>() {
+            return matches!(
+                qmp.kind(),
+                Kind::Disconnected | Kind::Timeout | Kind::Connect | Kind::Io | Kind::Protocol
+            );
+        }
+        cause = err.source();
+    }
+    false
+}
+
+/// Runs the engine's full repair (`qemu-img check -r all`: leaked clusters,
+/// refcounts, COPIED flags) on an image an interrupted engine operation was
+/// changing: the engine raises refcounts before it clears COPIED flags (and
+/// lowers them before setting them), so a kill in between leaves counts
+/// that qemu-img calls corruption although no data is at risk. Returns the
+/// notes for the user; nothing when the image was clean.
+fn repair_image(image: &Path, what: &str) -> Vec<String> {
+    let shown = image.display();
+    let report = Qcow2Image::open_for_check(image, true).and_then(|mut img| {
+        let report = img.check(Some(RepairMode::All))?;
+        img.flush()?;
+        Ok(report)
+    });
+    let report = match report {
+        Ok(report) => report,
+        Err(err) => {
+            return vec![format!(
+                "cannot check {shown} after {what} ({err}); run `vmsnap img check -r all {shown}` while the domain is stopped"
+            )]
+        }
+    };
+    let mut notes = Vec::new();
+    let mut fixed = Vec::new();
+    if report.leaks_fixed > 0 {
+        fixed.push(format!("{} leaked cluster(s)", report.leaks_fixed));
+    }
+    if report.corruptions_fixed > 0 {
+        fixed.push(format!(
+            "{} refcount or COPIED flag error(s)",
+            report.corruptions_fixed
+        ));
+    }
+    if !fixed.is_empty() {
+        notes.push(format!(
+            "repaired refcounts of {shown} after {what} ({})",
+            fixed.join(", ")
+        ));
+    }
+    if report.corruptions + report.check_errors > 0 {
+        notes.push(format!(
+            "{shown} still has {} error(s) after repair: {}; keep a copy and run `qemu-img check -r all {shown}`",
+            report.corruptions + report.check_errors,
+            report.messages.first().map_or("", String::as_str)
+        ));
+    }
+    notes
 }
