@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use vmsnap_core::snapshot::orchestrate::store::is_store_full;
 use vmsnap_core::snapshot::orchestrate::{
     CreateRequest, DiskSpec, ErrorKind, MemSpec, Orchestrator, Progress, RevertMode,
 };
@@ -451,6 +452,9 @@ async fn execute(
                 match orchestrator.recover(&domain).await {
                     Ok(notes) => notes.iter().for_each(|n| eprintln!("note: {n}")),
                     Err(err) if err.kind() == ErrorKind::Conflict => {}
+                    Err(err) if is_store_full(&err) => eprintln!(
+                        "warning: listing domain {domain} without finishing its interrupted operation: {err}"
+                    ),
                     Err(err) => return Err(err.into()),
                 }
             }

@@ -9,11 +9,17 @@
 //! writes go through [`Store::transaction`], so a vmsnap killed half-way leaves
 //! either all of an update or none of it.
 
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::ffi::{self, ErrorCode};
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
 
 use crate::config::DiskFormat;
 use crate::disk::{DiskChain, DiskLayer};
@@ -68,6 +74,10 @@ pub const DOMAIN_MIGRATIONS: &[Migration] = &[Migration {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// True when the filesystem holding the store was full at open, so only a
+    /// read-only view of the database file could be opened: reads answer,
+    /// every write is refused with a "no space" error before it starts.
+    frozen: bool,
 }
 
 /// Wraps a SQLite error; the database path is filled in by [`Store`] when the
@@ -80,6 +90,21 @@ pub fn sql(what: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
     }
 }
 
+/// Whether `err` says the filesystem holding the metadata store (or another
+/// file vmsnap writes) is full, so callers can tell "free some space" apart
+/// from every other failure.
+pub fn is_no_space(err: &Error) -> bool {
+    matches!(err, Error::Io { source, .. }
+        if source.kind() == full_kind(libc::ENOSPC) || source.kind() == full_kind(libc::EDQUOT))
+}
+
+/// The `io::ErrorKind` of an errno: `StorageFull` and `QuotaExceeded` are
+/// newer than the minimum Rust this workspace supports, so they are named
+/// through the errno they stand for.
+fn full_kind(errno: i32) -> io::ErrorKind {
+    io::Error::from_raw_os_error(errno).kind()
+}
+
 impl Store {
     /// Opens (creating if needed) the store of a state directory and brings
     /// the domain tables up to date.
@@ -88,19 +113,36 @@ impl Store {
     }
 
     /// Opens the store at an explicit path (tests, tools).
+    ///
+    /// When the filesystem holding it is full, SQLite cannot even read a WAL
+    /// database (it must create and size the `-shm` index), so the store then
+    /// falls back to a read-only view of the database file, provided the
+    /// write-ahead log holds nothing the file lacks: read-only commands still
+    /// answer and every write fails with a "no space" error naming the
+    /// directory and its free space ([`is_no_space`]).
     pub fn open_path(path: &Path) -> Result<Store> {
-        let fail = |what: &str, source| Error::Store {
-            path: path.to_path_buf(),
-            what: what.into(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(|e| fail("open", e))?;
+        match Self::open_writable(path) {
+            Ok(store) => Ok(store),
+            Err(err) if is_no_space(&err) => match Self::open_frozen(path) {
+                Ok(Some(store)) => Ok(store),
+                Ok(None) | Err(_) => Err(err),
+            },
+            Err(err) => Err(err),
+        }
+    }
+
+    fn open_writable(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(|e| classify(None, path, "open", e))?;
+        let fail = |what: &str, source| classify(Some(&conn), path, what, source);
         // The database may hold paths of private images; keep it owner-only like the rest of the state.
         restrict_mode(path);
         conn.busy_timeout(Duration::from_secs(30))
             .map_err(|e| fail("set busy timeout", e))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(|e| fail("enable WAL", e))?;
+        // WAL mode is persistent: asking again would needlessly write on every open.
+        if !is_wal_database(path) {
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(|e| fail("enable WAL", e))?;
+        }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(|e| fail("set synchronous", e))?;
         conn.pragma_update(None, "foreign_keys", true)
@@ -108,29 +150,103 @@ impl Store {
         let store = Store {
             conn,
             path: path.to_path_buf(),
+            frozen: false,
         };
-        store.transaction(|tx| {
-            tx.execute_batch(
-                "CREATE TABLE IF NOT EXISTS schema_version (
-                     component TEXT PRIMARY KEY,
-                     version   INTEGER NOT NULL
-                 );",
-            )
-            .map_err(sql("create schema_version"))
-        })?;
-        store.migrate(DOMAIN_COMPONENT, DOMAIN_MIGRATIONS)?;
+        store.initialize()?;
         // WAL side files exist only after the first write.
         for suffix in ["-wal", "-shm"] {
-            let mut side = path.as_os_str().to_owned();
-            side.push(suffix);
-            restrict_mode(Path::new(&side));
+            restrict_mode(&side_file(path, suffix));
         }
         Ok(store)
+    }
+
+    /// The read-only view used when the filesystem is full: `immutable=1`
+    /// makes SQLite read the database file alone, without the `-shm` index
+    /// it cannot create. That is only the whole truth when the write-ahead
+    /// log is absent or empty (no writer can add to it on a full disk), so
+    /// `None` otherwise.
+    fn open_frozen(path: &Path) -> Result<Option<Store>> {
+        let wal_len = match std::fs::metadata(side_file(path, "-wal")) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(Error::io("inspect", side_file(path, "-wal"), e)),
+        };
+        if wal_len > WAL_HEADER_LEN || !path.is_file() {
+            return Ok(None);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(immutable_uri(path), flags)
+            .map_err(|e| classify(None, path, "open read-only", e))?;
+        let store = Store {
+            conn,
+            path: path.to_path_buf(),
+            frozen: true,
+        };
+        store.initialize()?;
+        Ok(Some(store))
+    }
+
+    /// Creates the version table and migrates the domain tables, writing
+    /// only when something is missing, so an up-to-date store opens without
+    /// a write.
+    fn initialize(&self) -> Result<()> {
+        let has_versions: bool = self.read(|conn| {
+            conn.query_row(
+                "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(sql("look for schema_version"))
+        })?;
+        if !has_versions {
+            self.transaction(|tx| {
+                tx.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS schema_version (
+                         component TEXT PRIMARY KEY,
+                         version   INTEGER NOT NULL
+                     );",
+                )
+                .map_err(sql("create schema_version"))
+            })?;
+        }
+        self.migrate(DOMAIN_COMPONENT, DOMAIN_MIGRATIONS)
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the store was opened read-only because its filesystem is full.
+    pub fn is_read_only(&self) -> bool {
+        self.frozen
+    }
+
+    /// Fails with the "no space" error when the store cannot be written (opened
+    /// read-only, or no block or inode left on its filesystem), so a command
+    /// that would change images before its first store write refuses before
+    /// it starts.
+    pub fn ensure_writable(&self) -> Result<()> {
+        self.ensure_room(0)
+    }
+
+    /// Like [`Self::ensure_writable`], and also fails when fewer than `bytes`
+    /// are free next to the store: an operation that journals its steps
+    /// checks it needs room for all of them before its first step, instead of
+    /// failing half way. A filesystem whose free space cannot be read is not
+    /// refused for that.
+    pub fn ensure_room(&self, bytes: u64) -> Result<()> {
+        if self.frozen {
+            return Err(no_space_error(&self.path, "update"));
+        }
+        match FreeSpace::of(store_dir(&self.path)) {
+            Ok(free) if free.exhausted() || free.available_bytes < bytes => {
+                Err(no_space_error(&self.path, "update"))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Applies the migrations of `component` that are newer than its recorded
@@ -187,16 +303,24 @@ impl Store {
             tx.commit().map_err(sql("commit"))?;
             Ok(value)
         };
-        run().map_err(|e| self.with_path(e))
+        self.ensure_writable()?;
+        run().map_err(|e| self.with_path(e, "update"))
     }
 
     /// Runs read-only queries on the connection (a consistent snapshot per statement).
     pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        f(&self.conn).map_err(|e| self.with_path(e))
+        f(&self.conn).map_err(|e| self.with_path(e, "read"))
     }
 
-    fn with_path(&self, err: Error) -> Error {
+    /// Fills in the database path and turns a SQLite failure caused by a
+    /// full filesystem into the "no space" error (`verb` says what failed).
+    fn with_path(&self, err: Error, verb: &str) -> Error {
         match err {
+            Error::Store { ref source, .. }
+                if is_no_space_failure(Some(&self.conn), &self.path, source) =>
+            {
+                no_space_error(&self.path, verb)
+            }
             Error::Store { path, what, source } if path.as_os_str().is_empty() => Error::Store {
                 path: self.path.clone(),
                 what,
@@ -210,6 +334,183 @@ impl Store {
             }
             other => other,
         }
+    }
+}
+
+/// Bytes of a write-ahead log's header: a log no longer than this holds no
+/// transaction.
+const WAL_HEADER_LEN: u64 = 32;
+
+/// `path` with `suffix` appended (SQLite's `-wal` and `-shm` side files).
+fn side_file(path: &Path, suffix: &str) -> PathBuf {
+    let mut side = OsString::from(path.as_os_str());
+    side.push(suffix);
+    PathBuf::from(side)
+}
+
+/// Whether the database file's header already says WAL (read and write
+/// versions 2 at bytes 18 and 19), read directly so it costs no SQLite I/O.
+fn is_wal_database(path: &Path) -> bool {
+    let mut header = [0u8; 20];
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut header))
+        .is_ok()
+        && header[18] == 2
+        && header[19] == 2
+}
+
+/// A `file:` URI opening `path` immutable (no locks, no `-shm`, no `-wal`).
+fn immutable_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for &byte in path.as_os_str().as_bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            uri.push(byte as char);
+        } else {
+            uri.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
+}
+
+/// Wraps a SQLite failure of opening the store, recognising a full filesystem.
+fn classify(conn: Option<&Connection>, path: &Path, what: &str, source: rusqlite::Error) -> Error {
+    if is_no_space_failure(conn, path, &source) {
+        return no_space_error(path, "open");
+    }
+    Error::Store {
+        path: path.to_path_buf(),
+        what: what.into(),
+        source,
+    }
+}
+
+/// Whether a SQLite failure comes from a full filesystem: SQLITE_FULL, or an
+/// I/O error (growing the `-shm` index, writing the log, creating a side
+/// file) whose system error is ENOSPC or EDQUOT. When SQLite kept no system
+/// error, an I/O error on a filesystem with no free block or inode counts too.
+fn is_no_space_failure(conn: Option<&Connection>, path: &Path, source: &rusqlite::Error) -> bool {
+    let rusqlite::Error::SqliteFailure(failure, _) = source else {
+        return false;
+    };
+    match failure.code {
+        ErrorCode::DiskFull => true,
+        ErrorCode::SystemIoFailure | ErrorCode::CannotOpen => {
+            // SAFETY: the handle belongs to a live connection and
+            // sqlite3_system_errno only reads a field of it.
+            let errno = conn.map_or(0, |c| unsafe { ffi::sqlite3_system_errno(c.handle()) });
+            match errno {
+                libc::ENOSPC | libc::EDQUOT => true,
+                0 => FreeSpace::of(store_dir(path)).is_ok_and(|free| free.exhausted()),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// The directory holding the database (the state directory).
+fn store_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// The refusal when the store's filesystem is full: names the directory and
+/// how much room is left, as an I/O error of ENOSPC's kind (`StorageFull`).
+fn no_space_error(path: &Path, verb: &str) -> Error {
+    let dir = store_dir(path);
+    let room = match FreeSpace::of(dir) {
+        Ok(free) => free.to_string(),
+        Err(e) => format!("free space unknown: {e}"),
+    };
+    Error::Io {
+        action: format!("{verb} the metadata store"),
+        path: path.to_path_buf(),
+        source: io::Error::new(
+            full_kind(libc::ENOSPC),
+            format!(
+                "no space left on the filesystem holding the state directory {} ({room}); \
+                 free some space there and retry",
+                dir.display()
+            ),
+        ),
+    }
+}
+
+/// Free room on a filesystem, as statvfs(3) reports it for this process
+/// (root may also use the blocks reserved for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FreeSpace {
+    available_bytes: u64,
+    total_bytes: u64,
+    available_inodes: u64,
+    total_inodes: u64,
+}
+
+impl FreeSpace {
+    fn of(dir: &Path) -> io::Result<FreeSpace> {
+        let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: c_path is NUL-terminated and stat points to writable memory
+        // of the right type; it is read only after statvfs succeeded.
+        let stat = unsafe {
+            if libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            stat.assume_init()
+        };
+        let block = stat.f_frsize as u64;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let free_blocks = if unsafe { libc::geteuid() } == 0 {
+            stat.f_bfree
+        } else {
+            stat.f_bavail
+        };
+        Ok(FreeSpace {
+            available_bytes: free_blocks as u64 * block,
+            total_bytes: stat.f_blocks as u64 * block,
+            available_inodes: stat.f_favail as u64,
+            total_inodes: stat.f_files as u64,
+        })
+    }
+
+    /// No block, or no inode, left (filesystems without inode counts report 0 of 0).
+    fn exhausted(&self) -> bool {
+        self.available_bytes == 0 || (self.total_inodes > 0 && self.available_inodes == 0)
+    }
+}
+
+impl std::fmt::Display for FreeSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} free of {}",
+            human_bytes(self.available_bytes),
+            human_bytes(self.total_bytes)
+        )?;
+        if self.total_inodes > 0 && self.available_inodes == 0 {
+            write!(f, ", no inodes free")?;
+        }
+        Ok(())
+    }
+}
+
+/// `n` bytes in binary units with at most one decimal ("0 B", "12 KiB", "3.9 MiB").
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value.fract() < 0.05 || value >= 100.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 
@@ -728,5 +1029,171 @@ mod tests {
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn sizes_read_like_df() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(12 * 1024), "12 KiB");
+        assert_eq!(human_bytes(4 << 20), "4 MiB");
+        assert_eq!(human_bytes((39 << 20) / 10), "3.9 MiB");
+        assert_eq!(human_bytes(150 << 30), "150 GiB");
+    }
+
+    #[test]
+    fn immutable_uri_escapes_what_uris_reserve() {
+        assert_eq!(
+            immutable_uri(Path::new("/var/lib/vm snap/a?b#c%d.db")),
+            "file:/var/lib/vm%20snap/a%3Fb%23c%25d.db?immutable=1"
+        );
+    }
+
+    #[test]
+    fn reopening_does_not_rewrite_the_journal_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("db");
+        assert!(!is_wal_database(&path));
+        drop(Store::open_path(&path).unwrap());
+        assert!(is_wal_database(&path));
+        let store = Store::open_path(&path).unwrap();
+        assert!(!store.is_read_only());
+        store.ensure_writable().unwrap();
+    }
+
+    /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop;
+    /// `None` when not root (mounting needs it), so the caller can skip.
+    struct SmallFs {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallFs {
+        fn mount(size: &str) -> Option<SmallFs> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                eprintln!("skipped: mounting a tmpfs needs root");
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "mount tmpfs on {}", dir.path().display());
+            Some(SmallFs { dir })
+        }
+
+        fn path(&self) -> &Path {
+            self.dir.path()
+        }
+
+        /// Writes zeros until the filesystem is full; returns the filler file.
+        fn fill(&self) -> PathBuf {
+            use std::io::Write;
+            let filler = self.path().join("filler");
+            let mut file = std::fs::File::create(&filler).unwrap();
+            let block = vec![0u8; 4096];
+            while file.write_all(&block).is_ok() {}
+            let _ = file.sync_all();
+            assert!(FreeSpace::of(self.path()).unwrap().exhausted());
+            filler
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn full_filesystem_still_reads_and_refuses_writes_saying_why() {
+        let Some(fs) = SmallFs::mount("1m") else {
+            return;
+        };
+        let path = fs.path().join("vmsnap.db");
+        {
+            let store = Store::open_path(&path).unwrap();
+            let chain = DiskChain::single("vda", "/img/a.qcow2".into(), DiskFormat::Qcow2);
+            store
+                .transaction(|tx| insert_domain(tx, &record("demo"), &[chain]))
+                .unwrap();
+        }
+        let filler = fs.fill();
+
+        let store = Store::open_path(&path).unwrap();
+        assert!(store.is_read_only());
+        assert_eq!(store.read(domain_names).unwrap(), ["demo"]);
+        assert_eq!(store.read(|c| disk_chains(c, "demo")).unwrap().len(), 1);
+        let err = store
+            .transaction(|tx| insert_domain(tx, &record("other"), &[]))
+            .unwrap_err();
+        assert!(is_no_space(&err), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("no space left"), "{text}");
+        assert!(text.contains(&fs.path().display().to_string()), "{text}");
+        assert!(text.contains("0 B free of 1 MiB"), "{text}");
+        assert!(is_no_space(&store.ensure_writable().unwrap_err()));
+        drop(store);
+
+        std::fs::remove_file(filler).unwrap();
+        let store = Store::open_path(&path).unwrap();
+        assert!(!store.is_read_only());
+        store
+            .transaction(|tx| insert_domain(tx, &record("other"), &[]))
+            .unwrap();
+        assert_eq!(store.read(domain_names).unwrap(), ["demo", "other"]);
+    }
+
+    #[test]
+    fn full_filesystem_with_unmerged_log_refuses_even_reads() {
+        let Some(fs) = SmallFs::mount("1m") else {
+            return;
+        };
+        let path = fs.path().join("vmsnap.db");
+        let wal = side_file(&path, "-wal");
+        let saved_log = {
+            let store = Store::open_path(&path).unwrap();
+            store
+                .transaction(|tx| insert_domain(tx, &record("demo"), &[]))
+                .unwrap();
+            // What a killed writer leaves: a log whose transaction the database file lacks.
+            std::fs::read(&wal).unwrap()
+        };
+        assert!(saved_log.len() as u64 > WAL_HEADER_LEN);
+        std::fs::write(&wal, &saved_log).unwrap();
+        let _ = std::fs::remove_file(side_file(&path, "-shm"));
+        fs.fill();
+
+        let err = Store::open_path(&path).unwrap_err();
+        assert!(is_no_space(&err), "{err}");
+        assert!(
+            err.to_string().contains("cannot open the metadata store"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn write_that_meets_a_full_disk_is_reported_as_no_space() {
+        let Some(fs) = SmallFs::mount("1m") else {
+            return;
+        };
+        let path = fs.path().join("vmsnap.db");
+        let store = Store::open_path(&path).unwrap();
+        fs.fill();
+        let mut big = record("big");
+        big.config_toml = "#".repeat(256 * 1024);
+        let err = store
+            .transaction(|tx| insert_domain(tx, &big, &[]))
+            .unwrap_err();
+        assert!(is_no_space(&err), "{err}");
+        assert!(
+            err.to_string().contains("cannot update the metadata store"),
+            "{err}"
+        );
+        assert!(store.read(domain_names).unwrap().is_empty());
     }
 }

@@ -49,6 +49,13 @@ pub const SNAPSHOT_MIGRATIONS: &[Migration] = &[Migration {
     ",
 }];
 
+/// Free space a journaled operation wants next to the store before it
+/// starts: its steps and commit write a few dozen KiB of log (about 33 KiB
+/// for an internal snapshot) plus the 32 KiB shared-memory index, so this
+/// leaves several times that, and refusing up front beats failing after the
+/// images changed.
+pub const OPERATION_HEADROOM: u64 = 256 * 1024;
+
 /// One stored snapshot.
 #[derive(Debug, Clone)]
 pub struct StoredSnapshot {
@@ -271,8 +278,11 @@ impl<'a> SnapshotStore<'a> {
         Ok(out)
     }
 
-    /// Opens a journal entry.
+    /// Opens a journal entry, after checking the state directory has room
+    /// for the whole operation's records ([`OPERATION_HEADROOM`]): an
+    /// operation refused here has changed nothing.
     pub fn begin(&self, domain: &str, intent: &Intent) -> Result<i64> {
+        self.store.ensure_room(OPERATION_HEADROOM)?;
         let id = self.store.transaction(|tx| {
             tx.execute(
                 "INSERT INTO snapshot_journal (domain, intent) VALUES (?1, ?2)",
@@ -347,6 +357,13 @@ impl<'a> SnapshotStore<'a> {
             Ok(())
         })?)
     }
+}
+
+/// Whether `err` is the metadata store refusing a write because the
+/// filesystem holding the state directory is full, so a read-only command
+/// can warn and still answer (see [`crate::store::is_no_space`]).
+pub fn is_store_full(err: &SnapshotError) -> bool {
+    matches!(err, SnapshotError::Core(core) if crate::store::is_no_space(core))
 }
 
 /// Crash tests stop vmsnap at `snapshot.OP.STEP` (step words joined by `-`).
