@@ -80,25 +80,27 @@ impl Lab {
             .arg("-c")
             .arg(format!("{umask}exec timeout -s KILL \"$0\" \"$@\""))
             .arg(COMMAND_TIMEOUT.as_secs().to_string())
-            .arg(env!("CARGO_BIN_EXE_vmsnap"))
-            .arg("--state-dir")
-            .arg(self.state())
-            .args(args)
-            .env_remove("VMSNAP_STATE_DIR")
-            .current_dir(self.dir.path());
+            .arg(env!("CARGO_BIN_EXE_vmsnap"));
+        self.vmsnap_args(&mut command, args);
         command
     }
 
     /// The vmsnap binary without the timeout wrapper, for wall-time measurements.
     pub fn bare_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_vmsnap"));
+        self.vmsnap_args(&mut command, args);
+        command
+    }
+
+    /// vmsnap's arguments after the binary: this lab's state directory (never
+    /// the caller's `VMSNAP_STATE_DIR`), then `args`, run in the lab directory.
+    fn vmsnap_args(&self, command: &mut Command, args: &[&str]) {
         command
             .arg("--state-dir")
             .arg(self.state())
             .args(args)
             .env_remove("VMSNAP_STATE_DIR")
             .current_dir(self.dir.path());
-        command
     }
 
     /// Runs vmsnap with `args` and returns what it did.
