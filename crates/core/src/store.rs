@@ -116,10 +116,9 @@ impl Store {
     ///
     /// When the filesystem holding it is full, SQLite cannot even read a WAL
     /// database (it must create and size the `-shm` index), so the store then
-    /// falls back to a read-only view of the database file, provided the
-    /// write-ahead log holds nothing the file lacks: read-only commands still
-    /// answer and every write fails with a "no space" error naming the
-    /// directory and its free space ([`is_no_space`]).
+    /// falls back to a read-only view that needs no `-shm` file: read-only
+    /// commands still answer and every write fails with a "no space" error
+    /// naming the directory and its free space ([`is_no_space`]).
     pub fn open_path(path: &Path) -> Result<Store> {
         match Self::open_writable(path) {
             Ok(store) => Ok(store),
@@ -160,25 +159,40 @@ impl Store {
         Ok(store)
     }
 
-    /// The read-only view used when the filesystem is full: `immutable=1`
-    /// makes SQLite read the database file alone, without the `-shm` index
-    /// it cannot create. That is only the whole truth when the write-ahead
-    /// log is absent or empty (no writer can add to it on a full disk), so
-    /// `None` otherwise.
+    /// The read-only view used when the filesystem is full, without the
+    /// `-shm` index SQLite cannot size there. When the write-ahead log is
+    /// absent or empty (no writer can add to it on a full disk), the database
+    /// file alone is the whole truth: open it `immutable=1`, which takes no
+    /// lock and writes nothing. When the log holds transactions (a writer was
+    /// killed), read them through an in-memory index instead: SQLite keeps
+    /// one on the heap for a connection in exclusive locking mode, which
+    /// blocks other vmsnap processes only while this one runs (they cannot
+    /// write on a full disk anyway). `None` when there is no database file.
     fn open_frozen(path: &Path) -> Result<Option<Store>> {
-        let wal_len = match std::fs::metadata(side_file(path, "-wal")) {
-            Ok(meta) => meta.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(Error::io("inspect", side_file(path, "-wal"), e)),
-        };
-        if wal_len > WAL_HEADER_LEN || !path.is_file() {
+        if !path.is_file() {
             return Ok(None);
         }
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(immutable_uri(path), flags)
-            .map_err(|e| classify(None, path, "open read-only", e))?;
+        let wal = side_file(path, "-wal");
+        let wal_len = match std::fs::metadata(&wal) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(Error::io("inspect", &wal, e)),
+        };
+        let conn = if wal_len <= WAL_HEADER_LEN {
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            Connection::open_with_flags(immutable_uri(path), flags)
+                .map_err(|e| classify(None, path, "open read-only", e))?
+        } else {
+            let conn = Connection::open(path).map_err(|e| classify(None, path, "open", e))?;
+            let fail = |what: &str, source| classify(Some(&conn), path, what, source);
+            conn.busy_timeout(Duration::from_secs(30))
+                .map_err(|e| fail("set busy timeout", e))?;
+            conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+                .map_err(|e| fail("lock exclusively", e))?;
+            conn
+        };
         let store = Store {
             conn,
             path: path.to_path_buf(),
@@ -1149,31 +1163,50 @@ mod tests {
     }
 
     #[test]
-    fn full_filesystem_with_unmerged_log_refuses_even_reads() {
+    fn full_filesystem_still_reads_what_only_the_log_holds() {
         let Some(fs) = SmallFs::mount("1m") else {
             return;
         };
         let path = fs.path().join("vmsnap.db");
         let wal = side_file(&path, "-wal");
-        let saved_log = {
+        // What a killed writer leaves: a log holding transactions the
+        // database file lacks (nothing was checkpointed while it ran).
+        let (saved_db, saved_log) = {
             let store = Store::open_path(&path).unwrap();
             store
                 .transaction(|tx| insert_domain(tx, &record("demo"), &[]))
                 .unwrap();
-            // What a killed writer leaves: a log whose transaction the database file lacks.
-            std::fs::read(&wal).unwrap()
+            (std::fs::read(&path).unwrap(), std::fs::read(&wal).unwrap())
         };
         assert!(saved_log.len() as u64 > WAL_HEADER_LEN);
+        std::fs::write(&path, &saved_db).unwrap();
         std::fs::write(&wal, &saved_log).unwrap();
         let _ = std::fs::remove_file(side_file(&path, "-shm"));
-        fs.fill();
-
-        let err = Store::open_path(&path).unwrap_err();
-        assert!(is_no_space(&err), "{err}");
+        let file_alone = Connection::open_with_flags(
+            immutable_uri(&path),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .unwrap();
         assert!(
-            err.to_string().contains("cannot open the metadata store"),
-            "{err}"
+            domain_names(&file_alone).map_or(true, |names| names.is_empty()),
+            "the database file alone must lack the domain for this test to mean anything"
         );
+        drop(file_alone);
+        let filler = fs.fill();
+
+        let store = Store::open_path(&path).unwrap();
+        assert!(store.is_read_only());
+        assert_eq!(store.read(domain_names).unwrap(), ["demo"]);
+        let err = store
+            .transaction(|tx| delete_domain(tx, "demo"))
+            .unwrap_err();
+        assert!(is_no_space(&err), "{err}");
+        drop(store);
+
+        std::fs::remove_file(filler).unwrap();
+        let store = Store::open_path(&path).unwrap();
+        assert!(!store.is_read_only());
+        assert_eq!(store.read(domain_names).unwrap(), ["demo"]);
     }
 
     #[test]
