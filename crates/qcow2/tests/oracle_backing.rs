@@ -110,10 +110,7 @@ fn overlay_over_qcow2_reads_through_and_copies_on_write() {
             .expect("write into overlay");
         model[offset as usize..offset as usize + len].fill(byte);
     }
-    common::assert_engine_view(&mut image, 4 * MIB, &model, "engine read after COW");
-    drop(image);
-    oracle::assert_qemu_check_clean(&overlay, "overlay after writes");
-    common::assert_qemu_view(&overlay, &model, "qemu read of overlay");
+    common::assert_engine_then_qemu_view(image, &overlay, 4 * MIB, &model, "overlay after writes");
     assert!(
         base_bytes_before == common::read_file(&base),
         "writes to the overlay changed the base"
@@ -528,10 +525,13 @@ fn partial_writes_over_a_compressed_backing_file() {
         image.write_at(offset, &vec![0xcc; len]).unwrap();
         content[offset as usize..offset as usize + len].fill(0xcc);
     }
-    common::assert_engine_view(&mut image, 4 * MIB, &content, "engine view");
-    drop(image);
-    oracle::assert_qemu_check_clean(&overlay, "overlay over compressed base");
-    common::assert_qemu_view(&overlay, &content, "qemu view");
+    common::assert_engine_then_qemu_view(
+        image,
+        &overlay,
+        4 * MIB,
+        &content,
+        "overlay over compressed base",
+    );
 }
 
 /// Internal snapshots of an overlay: what a snapshot does not store still falls through
@@ -550,10 +550,13 @@ fn internal_snapshots_on_an_overlay() {
     let at_snapshot = model.clone();
     image.write_at(MIB - 50, &[0x42; 100_000]).unwrap();
     image.apply_snapshot("s").unwrap();
-    common::assert_engine_view(&mut image, 4 * MIB, &at_snapshot, "after apply");
-    drop(image);
-    oracle::assert_qemu_check_clean(&overlay, "overlay with a snapshot");
-    common::assert_qemu_view(&overlay, &at_snapshot, "qemu view");
+    common::assert_engine_then_qemu_view(
+        image,
+        &overlay,
+        4 * MIB,
+        &at_snapshot,
+        "overlay with a snapshot, after apply",
+    );
 }
 
 /// Zero clusters (v3) in an overlay hide the backing file's data; unallocated ones

@@ -75,6 +75,21 @@ pub fn assert_engine_view(
     assert_same_bytes(expected, &engine::read_all(image, size), what);
 }
 
+/// Requires our engine's view of `image` to be `expected`, closes it, then requires
+/// `qemu-img check` of `path` to be clean and QEMU's view to be the same bytes.
+pub fn assert_engine_then_qemu_view(
+    mut image: vmsnap_qcow2::Qcow2Image,
+    path: &Path,
+    size: u64,
+    expected: &[u8],
+    what: &str,
+) {
+    assert_engine_view(&mut image, size, expected, &format!("{what}: engine view"));
+    drop(image);
+    oracle::assert_qemu_check_clean(path, what);
+    assert_qemu_view(path, expected, &format!("{what}: qemu view"));
+}
+
 /// Requires QEMU's view of the active state of the qcow2 image at `path` (through its
 /// backing chain) to be `expected`.
 pub fn assert_qemu_view(path: &Path, expected: &[u8], what: &str) {
