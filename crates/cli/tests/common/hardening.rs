@@ -23,15 +23,9 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a fresh guest may take to boot under TCG on a loaded machine.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
 
-/// One `[[disk]]` of a domain config.
-pub struct DiskDef<'a> {
-    /// vda, vdb...
-    pub target: &'a str,
-    /// Image file, relative to the lab directory.
-    pub file: &'a str,
-    /// "qcow2" or "raw", as declared (never probed).
-    pub format: &'a str,
-}
+/// One `[[disk]]` of a domain config; in a [`Lab`] its `file` is relative to
+/// the lab directory.
+pub use vmsnap_testguest::lab::DiskDef;
 
 /// A temporary directory with a private vmsnap state directory inside.
 pub struct Lab {
@@ -149,14 +143,10 @@ impl Lab {
             .iter()
             .map(|disk| self.path(disk.file).display().to_string())
             .collect();
-        let disks: Vec<lab::DiskDef<'_>> = disks
+        let disks: Vec<DiskDef<'_>> = disks
             .iter()
             .zip(&files)
-            .map(|(disk, file)| lab::DiskDef {
-                target: disk.target,
-                file,
-                format: disk.format,
-            })
+            .map(|(disk, file)| DiskDef { file, ..*disk })
             .collect();
         let config =
             lab::guest_domain_toml(name, memory_mib, &self.control_socket(name), &[], &disks);
