@@ -131,12 +131,14 @@ fn qemu_read(path: &Path, snapshot: Option<&str>) -> Vec<u8> {
     std::fs::read(out.path()).unwrap()
 }
 
-/// `qemu-img create -q -f qcow2 OPTIONS… PATH SIZE`.
-fn qemu_create(path: &Path, size: &str, options: &[&str]) {
+/// `qemu-img create -q -f qcow2 OPTIONS… DIR/NAME SIZE`; returns the image's path.
+fn qemu_image(dir: &Path, name: &str, size: &str, options: &[&str]) -> PathBuf {
+    let path = dir.join(name);
     let mut args = vec!["create", "-q", "-f", "qcow2"];
     args.extend_from_slice(options);
-    args.extend([s(path), size]);
+    args.extend([s(&path), size]);
     qemu_img_ok(&args);
+    path
 }
 
 /// An overlay made by qemu-img over a 1 MiB raw file of zeros, `base.raw` in `dir`.
@@ -250,8 +252,7 @@ fn create_raw_has_the_exact_size() {
 #[test]
 fn create_overlay_with_backing_and_format() {
     let dir = tmp();
-    let base = dir.path().join("base.qcow2");
-    qemu_create(&base, "8M", &[]);
+    let base = qemu_image(dir.path(), "base.qcow2", "8M", &[]);
     qemu_io(&base, "write -P 0x5a 1M 64k");
     let overlay = dir.path().join("overlay.qcow2");
     // No size: the overlay takes the backing file's, as with qemu-img.
@@ -279,8 +280,7 @@ fn create_overlay_with_backing_and_format() {
 #[test]
 fn create_refuses_backing_without_format() {
     let dir = tmp();
-    let base = dir.path().join("base.qcow2");
-    qemu_create(&base, "8M", &[]);
+    let base = qemu_image(dir.path(), "base.qcow2", "8M", &[]);
     let overlay = dir.path().join("overlay.qcow2");
     let out = vmsnap(&["create", "-f", "qcow2", "-b", s(&base), s(&overlay)]);
     assert!(
@@ -292,8 +292,7 @@ fn create_refuses_backing_without_format() {
 
 /// A qemu-made image with data and snapshots, to compare our JSON with qemu-img's.
 fn image_with_snapshots(dir: &Path) -> PathBuf {
-    let path = dir.join("snaps.qcow2");
-    qemu_create(&path, "16M", &["-o", "cluster_size=65536"]);
+    let path = qemu_image(dir, "snaps.qcow2", "16M", &["-o", "cluster_size=65536"]);
     qemu_io(&path, "write -P 0x11 0 1M");
     qemu_img_ok(&["snapshot", "-c", "first", s(&path)]);
     qemu_io(&path, "write -P 0x22 512k 1M");
@@ -452,8 +451,7 @@ fn poke_refcount16(path: &Path, index: u64, value: u16) {
 #[test]
 fn check_exit_codes_json_and_repair() {
     let dir = tmp();
-    let path = dir.path().join("disk.qcow2");
-    qemu_create(&path, "4M", &["-o", "cluster_size=4096"]);
+    let path = qemu_image(dir.path(), "disk.qcow2", "4M", &["-o", "cluster_size=4096"]);
     qemu_io(&path, "write -P 0x41 0 64k");
 
     vmsnap_exits(&["check", s(&path)], 0, "clean image");
@@ -522,8 +520,7 @@ fn check_exit_codes_json_and_repair() {
 #[test]
 fn commit_and_rebase() {
     let dir = tmp();
-    let base = dir.path().join("base.qcow2");
-    qemu_create(&base, "4M", &[]);
+    let base = qemu_image(dir.path(), "base.qcow2", "4M", &[]);
     qemu_io(&base, "write -P 0x61 0 2M");
     let other = dir.path().join("other.raw");
     std::fs::write(&other, vec![0x62u8; 4 * MIB as usize]).unwrap();
@@ -581,8 +578,7 @@ fn refusals_are_one_line_and_change_nothing() {
     vmsnap_refused(&["check", s(&missing)], "missing.qcow2");
 
     // A qcow2 file with a bad magic: every command refuses it by name.
-    let bad = dir.path().join("badmagic.qcow2");
-    qemu_create(&bad, "4M", &[]);
+    let bad = qemu_image(dir.path(), "badmagic.qcow2", "4M", &[]);
     let mut bytes = std::fs::read(&bad).unwrap();
     bytes[..4].copy_from_slice(b"QFIX");
     std::fs::write(&bad, &bytes).unwrap();
@@ -600,8 +596,7 @@ fn refusals_are_one_line_and_change_nothing() {
     );
 
     // Huge nb_snapshots: refused without trying to allocate for them.
-    let huge = dir.path().join("huge.qcow2");
-    qemu_create(&huge, "4M", &[]);
+    let huge = qemu_image(dir.path(), "huge.qcow2", "4M", &[]);
     let mut bytes = std::fs::read(&huge).unwrap();
     bytes[60..64].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
     std::fs::write(&huge, &bytes).unwrap();
@@ -656,8 +651,7 @@ fn corrupt_headers_are_refused_by_every_command() {
     ];
     for (index, (what, offset, bytes)) in cases.iter().enumerate() {
         let name = format!("case{index}.qcow2");
-        let path = dir.path().join(&name);
-        qemu_create(&path, "4M", &[]);
+        let path = qemu_image(dir.path(), &name, "4M", &[]);
         qemu_io(&path, "write -P 0x71 0 4k");
         qemu_img_ok(&["snapshot", "-c", "keep", s(&path)]);
         if *what == "snapshot table past EOF" {
@@ -691,8 +685,7 @@ fn corrupt_headers_are_refused_by_every_command() {
 #[test]
 fn corrupt_bit_refuses_writes() {
     let dir = tmp();
-    let path = dir.path().join("marked.qcow2");
-    qemu_create(&path, "4M", &[]);
+    let path = qemu_image(dir.path(), "marked.qcow2", "4M", &[]);
     qemu_img_ok(&["snapshot", "-c", "keep", s(&path)]);
     poke(&path, 79, &[2]); // incompatible feature bit 1: corrupt
     let before = std::fs::read(&path).unwrap();
@@ -711,8 +704,12 @@ fn text_output_matches_qemu_img() {
     let dir = tmp();
     let snaps = image_with_snapshots(dir.path());
     let overlay = qemu_overlay_over_raw(dir.path());
-    let v2 = dir.path().join("v2.qcow2");
-    qemu_create(&v2, "3M", &["-o", "compat=0.10,cluster_size=4096"]);
+    let v2 = qemu_image(
+        dir.path(),
+        "v2.qcow2",
+        "3M",
+        &["-o", "compat=0.10,cluster_size=4096"],
+    );
     qemu_io(&v2, "write -P 0x11 0 100k");
     for path in [&snaps, &overlay, &v2] {
         for command in [vec!["info"], vec!["check"], vec!["snapshot", "-l"]] {
@@ -736,8 +733,7 @@ fn text_output_matches_qemu_img() {
 #[test]
 fn format_flag_is_obeyed_not_guessed() {
     let dir = tmp();
-    let path = dir.path().join("looks-like-qcow2.img");
-    qemu_create(&path, "4M", &[]);
+    let path = qemu_image(dir.path(), "looks-like-qcow2.img", "4M", &[]);
     let ours: Value = serde_json::from_str(&vmsnap_ok(&[
         "info",
         "-f",
