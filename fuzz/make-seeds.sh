@@ -25,7 +25,7 @@ io -c 'write -c -P 3 0 512' d.qcow2
 qemu-img create -q -f qcow2 e.qcow2 64M
 qemu-img create -q -f qcow2 -o lazy_refcounts=on f.qcow2 1M
 cd - >/dev/null
-for target in parse_image open_image; do
+for target in parse_image open_image snapshot_ops; do
     mkdir -p "corpus/$target"
     for image in "$work"/*.qcow2; do
         head -c 262144 "$image" > "corpus/$target/seed-$(basename "$image")"

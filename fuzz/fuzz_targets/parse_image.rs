@@ -34,12 +34,15 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again, reencoded, "header changed through encode/decode");
     }
 
-    // Snapshot table: decode what the input holds, then round-trip it.
+    // Snapshot table: decode what the input holds, then round-trip it; each snapshot's L1
+    // table and its L2 tables are walked like the active ones below.
+    let mut l1_tables = vec![(header.l1_table_offset, header.l1_size)];
     if let Some(table) = usize::try_from(header.snapshots_offset)
         .ok()
         .and_then(|start| data.get(start..))
     {
         if let Ok((entries, _len)) = decode_snapshot_table(table, header.nb_snapshots) {
+            l1_tables.extend(entries.iter().map(|e| (e.l1_table_offset, e.l1_size)));
             if let Ok(bytes) = encode_snapshot_table(&entries) {
                 let count = u32::try_from(entries.len()).expect("count came from a u32");
                 let (again, _) =
@@ -52,9 +55,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    // Active L1 and the L2 tables it points to, as far as the input holds them.
-    let l1_bytes = u64::from(header.l1_size).saturating_mul(8);
-    if let Some(l1) = slice(data, header.l1_table_offset, l1_bytes) {
+    // Active and snapshot L1 tables and the L2 tables they point to, as far as the input
+    // holds them. The host range of a decoded entry must not wrap around.
+    for (l1_offset, l1_size) in l1_tables {
+        let l1_bytes = u64::from(l1_size).saturating_mul(8);
+        let Some(l1) = slice(data, l1_offset, l1_bytes) else {
+            continue;
+        };
         for raw in decode_u64_table(l1) {
             let Ok(entry) = decode_l1_entry(raw, cluster_bits) else {
                 continue;
@@ -64,7 +71,9 @@ fuzz_target!(|data: &[u8]| {
             if let Some(l2) = slice(data, l2_offset, cluster_size) {
                 for raw in decode_u64_table(l2) {
                     if let Ok(entry) = decode_l2_entry(raw, cluster_bits, header.version) {
-                        let _ = entry.host_range();
+                        if let Some((host, len)) = entry.host_range() {
+                            assert!(host.checked_add(len).is_some(), "host range wraps");
+                        }
                     }
                 }
             }

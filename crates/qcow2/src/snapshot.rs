@@ -117,7 +117,12 @@ impl Qcow2Image {
         // Everything is decided in memory first, so a refusal (data mapped onto metadata,
         // refcount overflow) writes nothing, not even a cluster past the end of the file.
         let active = self.l1.clone();
-        self.check_tree_overlaps(&active, "the active L1 table")?;
+        self.validate_tree(&active, "the active L1 table")?;
+        self.require_allocated_table(
+            self.header.snapshots_offset,
+            self.snapshots_size,
+            "snapshot table",
+        )?;
         self.tree_refcount_pass(&active, 1)?;
         // 1. New clusters for the L1 copy and the new snapshot table, all refcounts raised,
         //    then written and synced before anything on disk points at them.
@@ -158,7 +163,17 @@ impl Qcow2Image {
         self.flush()?;
         let sn = self.snapshots[index].clone();
         let sn_l1 = self.read_snapshot_l1(&sn)?;
-        self.check_tree_overlaps(&sn_l1, &format!("snapshot '{}'", sn.name))?;
+        self.validate_tree(&sn_l1, &format!("snapshot '{}'", sn.name))?;
+        self.require_allocated_table(
+            self.header.snapshots_offset,
+            self.snapshots_size,
+            "snapshot table",
+        )?;
+        self.require_allocated_table(
+            sn.l1_table_offset,
+            u64::from(sn.l1_size) * 8,
+            &format!("L1 table of snapshot '{}'", sn.name),
+        )?;
         let result = (|| -> Result<()> {
             // 1. The table no longer lists the snapshot: from here on a crash only leaks.
             let mut list = self.snapshots.clone();
@@ -196,9 +211,14 @@ impl Qcow2Image {
         let disk_size = sn.disk_size.unwrap_or(self.size());
         // Both trees change refcounts: refuse before anything is written if either maps
         // data onto metadata.
-        self.check_tree_overlaps(&sn_l1, &format!("snapshot '{}'", sn.name))?;
+        self.validate_tree(&sn_l1, &format!("snapshot '{}'", sn.name))?;
         let active = self.l1.clone();
-        self.check_tree_overlaps(&active, "the active L1 table")?;
+        self.validate_tree(&active, "the active L1 table")?;
+        self.require_allocated_table(
+            self.header.l1_table_offset,
+            u64::from(self.header.l1_size) * 8,
+            "active L1 table",
+        )?;
         let result = (|| -> Result<()> {
             // 1. Everything the snapshot uses gains a reference first (in memory, so that
             //    a refcount overflow is refused before anything is written).
@@ -260,13 +280,16 @@ impl Qcow2Image {
     }
 
     /// Refuses a tree (an L1 table and its L2 tables) that puts an L2 table or guest data
-    /// on other metadata: header, L1 tables, refcount table and blocks, snapshot table, or
-    /// (for data) an active L2 table. Changing refcounts through such a tree would free or
-    /// share metadata, and writing through it would overwrite it. Reads only.
-    pub(crate) fn check_tree_overlaps(&mut self, l1: &[u64], tree: &str) -> Result<()> {
+    /// on other metadata (header, L1 tables, refcount table and blocks, snapshot table, or,
+    /// for data, an active L2 table), or that references a cluster whose refcount is 0.
+    /// Changing refcounts through such a tree would free or share metadata, or leave a
+    /// snapshot's data writable in place; writing through it would overwrite metadata.
+    /// Reads only, so the operation that asks is refused before it writes anything.
+    pub(crate) fn validate_tree(&mut self, l1: &[u64], tree: &str) -> Result<()> {
         let cs = self.cluster_size();
         let l2_entries = self.header.l2_entries();
         let ranges = self.metadata_ranges()?;
+        self.load_all_refblocks()?;
         let l2_offsets: Vec<u64> = l1
             .iter()
             .map(|e| e & OFFSET_MASK)
@@ -291,6 +314,7 @@ impl Qcow2Image {
                     ));
                 }
             }
+            self.require_referenced(l2_off, guest_base, tree)?;
             let Some(table) = self.l2.get(&l2_off) else {
                 continue;
             };
@@ -309,19 +333,69 @@ impl Qcow2Image {
                     let start = host / cs * cs;
                     (start, fmt::align_up(host.saturating_add(len.max(1)), cs))
                 };
+                let guest = guest_base + j as u64 * cs;
                 cursor = seek_range(&ranges, cursor, start);
                 if let Some(r) = ranges.get(cursor).filter(|r| r.0 < end) {
                     let at = r.0.max(start);
                     return Err(Error::corrupt(
                         &self.path,
                         format!(
-                            "{tree} maps guest offset {:#x} onto the {}; refusing to change the image",
-                            guest_base + j as u64 * cs,
+                            "{tree} maps guest offset {guest:#x} onto the {}; refusing to change the image",
                             self.describe_metadata(at)
                         ),
                     ));
                 }
+                let mut cluster = start;
+                while cluster < end {
+                    self.require_referenced(cluster, guest, tree)?;
+                    cluster += cs;
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a table (snapshot table, an L1 table) an operation will free whose clusters
+    /// have refcount 0: freeing it would fail half-way through the operation.
+    fn require_allocated_table(&mut self, offset: u64, len: u64, what: &str) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.load_all_refblocks()?;
+        let cs = self.cluster_size();
+        let mut cluster = offset / cs * cs;
+        while cluster < offset.saturating_add(len) {
+            if self
+                .cached_refcount(cluster / cs)
+                .map_or(true, |rc| rc == 0)
+            {
+                return Err(Error::corrupt(
+                    &self.path,
+                    format!(
+                        "the {what} at {offset:#x} has refcount 0 at {cluster:#x}; repair the image with `check -r all` first"
+                    ),
+                ));
+            }
+            cluster += cs;
+        }
+        Ok(())
+    }
+
+    /// Refuses a cluster a tree references while its refcount is 0 (the refcount is wrong).
+    ///
+    /// Every refcount block must be in memory (a cluster without one counts 0).
+    #[inline]
+    fn require_referenced(&self, cluster: u64, guest: u64, tree: &str) -> Result<()> {
+        if self
+            .cached_refcount(cluster / self.cluster_size())
+            .map_or(true, |rc| rc == 0)
+        {
+            return Err(Error::corrupt(
+                &self.path,
+                format!(
+                    "{tree} uses the cluster at {cluster:#x} (guest offset {guest:#x}) but its refcount is 0; repair the image with `check -r all` first"
+                ),
+            ));
         }
         Ok(())
     }

@@ -106,3 +106,68 @@ fn snapshot_table_from_fuzz_input_round_trips() {
         "snapshot table changed through encode/decode"
     );
 }
+
+/// snapshot_ops, 2026-11-22 02:49 UTC (within a minute): a v3 image (512-byte clusters,
+/// snapshots "s1" and "second") whose active L2 table maps guest data to a cluster with
+/// refcount 0. Applying "s1" switched the active L1 table, then failed when the old
+/// active tree's references were dropped ("refcount of cluster 1280 would drop below
+/// zero"), so the refused apply had changed the image. Every snapshot operation must
+/// now refuse such a tree up front, writing nothing.
+#[test]
+fn snapshot_operations_on_a_tree_with_refcount_zero_are_refused_unchanged() {
+    use vmsnap_qcow2::{BackingPolicy, ErrorKind, OpenOptions, Qcow2Image};
+    let input: &[u8] = include_bytes!("fuzz-cases/snapshot_ops-apply-refcount-zero.bin");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("case.qcow2");
+    std::fs::write(&path, input).expect("write the case");
+    let options = OpenOptions {
+        writable: true,
+        backing: BackingPolicy::Ignore,
+    };
+    let mut image = Qcow2Image::open(&path, options).expect("the image opens");
+    let first = image.snapshots()[0].id.clone();
+    let attempts = [
+        ("apply", image.apply_snapshot(&first)),
+        ("create", image.create_snapshot("new").map(|_| ())),
+    ];
+    for (what, result) in attempts {
+        let err = result.expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{what}: {err}");
+        assert!(err.to_string().contains("refcount is 0"), "{what}: {err}");
+    }
+    drop(image);
+    assert!(
+        std::fs::read(&path).expect("read back") == input,
+        "a refused snapshot operation changed the image"
+    );
+}
+
+/// snapshot_ops, 2026-11-22 02:54 UTC: an image whose snapshot table clusters have
+/// refcount 0. Creating a snapshot wrote the new table and switched the header to it,
+/// then failed freeing the old table ("refcount of cluster 18 would drop below zero"):
+/// the snapshot existed but the caller was told it failed. Now refused before any write.
+#[test]
+fn snapshot_create_with_an_unreferenced_snapshot_table_is_refused_unchanged() {
+    use vmsnap_qcow2::{BackingPolicy, ErrorKind, OpenOptions, Qcow2Image};
+    let input: &[u8] = include_bytes!("fuzz-cases/snapshot_ops-create-table-refcount-zero.bin");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("case.qcow2");
+    std::fs::write(&path, input).expect("write the case");
+    let options = OpenOptions {
+        writable: true,
+        backing: BackingPolicy::Ignore,
+    };
+    let mut image = Qcow2Image::open(&path, options).expect("the image opens");
+    image.flush().expect("flush after open");
+    let before = std::fs::read(&path).expect("read");
+    let err = image
+        .create_snapshot("fuzz")
+        .expect_err("create must be refused");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(err.to_string().contains("refcount 0"), "{err}");
+    drop(image);
+    assert!(
+        std::fs::read(&path).expect("read back") == before,
+        "a refused snapshot create changed the image"
+    );
+}
