@@ -1111,7 +1111,9 @@ fn ram_blocks(text: &str) -> Vec<(String, u64)> {
 
 /// Reserves `bytes` for the memory image `file` (open as `image`), so its
 /// stream can never fail for lack of space; refuses in one line saying how
-/// much room is missing.
+/// much room is missing. A file system that cannot reserve (fallocate
+/// unsupported, e.g. NFSv3) is trusted with its free space instead of
+/// being filled with zeros.
 fn reserve_memory_image(
     domain: &str,
     file: &Path,
@@ -1122,22 +1124,35 @@ fn reserve_memory_image(
     let dir = file.parent().unwrap_or(Path::new("/"));
     let free = free_bytes(dir);
     let len = libc::off_t::try_from(bytes).unwrap_or(libc::off_t::MAX);
-    // SAFETY: posix_fallocate only uses the descriptor, valid while `image` lives.
-    let rc = unsafe { libc::posix_fallocate(image.as_raw_fd(), 0, len) };
-    if rc == 0 {
+    let errno = loop {
+        // SAFETY: fallocate only uses the descriptor, valid while `image` lives.
+        if unsafe { libc::fallocate(image.as_raw_fd(), 0, 0, len) } == 0 {
+            return Ok(());
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            other => break other.unwrap_or(libc::EIO),
+        }
+    };
+    let no_space = match errno {
+        libc::ENOSPC | libc::EDQUOT | libc::EFBIG => true,
+        libc::EOPNOTSUPP => free.is_some_and(|f| f < bytes),
+        _ => false,
+    };
+    if errno == libc::EOPNOTSUPP && !no_space {
         return Ok(());
     }
     let mib = |b: u64| b.div_ceil(1 << 20);
-    let source = if matches!(rc, libc::ENOSPC | libc::EDQUOT | libc::EFBIG) {
+    let source = if no_space {
         std::io::Error::other(format!(
             "no space left on {} (domain {domain} needs {} MiB there, {} MiB are free): \
-                 free some space or choose another --memspec file",
+             free some space or choose another --memspec file",
             dir.display(),
             mib(bytes),
             free.map_or_else(|| "?".to_string(), |f| mib(f).to_string()),
         ))
     } else {
-        std::io::Error::from_raw_os_error(rc)
+        std::io::Error::from_raw_os_error(errno)
     };
     Err(SnapshotError::Io {
         action: "cannot reserve room for memory image".into(),
