@@ -388,16 +388,20 @@ impl Qcow2Image {
     fn require_referenced(&self, cluster: u64, guest: u64, tree: &str) -> Result<()> {
         if self
             .cached_refcount(cluster / self.cluster_size())
-            .map_or(true, |rc| rc == 0)
+            .is_some_and(|rc| rc != 0)
         {
-            return Err(Error::corrupt(
-                &self.path,
-                format!(
-                    "{tree} uses the cluster at {cluster:#x} (guest offset {guest:#x}) but its refcount is 0; repair the image with `check -r all` first"
-                ),
-            ));
+            return Ok(());
         }
-        Ok(())
+        let detail = if cluster >= self.file_len {
+            format!(
+                "{tree} maps guest offset {guest:#x} to {cluster:#x}, past the end of the file; refusing to change the image"
+            )
+        } else {
+            format!(
+                "{tree} uses the cluster at {cluster:#x} (guest offset {guest:#x}) but its refcount is 0; repair the image with `check -r all` first"
+            )
+        };
+        Err(Error::corrupt(&self.path, detail))
     }
 
     /// Adds `delta` (+1/-1) to the refcount of every L2 table and data cluster reachable from `l1`.

@@ -108,11 +108,11 @@ fn snapshot_table_from_fuzz_input_round_trips() {
 }
 
 /// snapshot_ops, 2026-11-22 02:49 UTC (within a minute): a v3 image (512-byte clusters,
-/// snapshots "s1" and "second") whose active L2 table maps guest data to a cluster with
-/// refcount 0. Applying "s1" switched the active L1 table, then failed when the old
-/// active tree's references were dropped ("refcount of cluster 1280 would drop below
-/// zero"), so the refused apply had changed the image. Every snapshot operation must
-/// now refuse such a tree up front, writing nothing.
+/// snapshots "s1" and "second") whose active L2 table maps guest data to cluster 1280,
+/// past the end of the file (refcount 0). Applying "s1" switched the active L1 table,
+/// then failed when the old active tree's references were dropped ("refcount of cluster
+/// 1280 would drop below zero"), so the refused apply had changed the image. Every
+/// snapshot operation must now refuse such a tree up front, writing nothing.
 #[test]
 fn snapshot_operations_on_a_tree_with_refcount_zero_are_refused_unchanged() {
     use vmsnap_qcow2::{BackingPolicy, ErrorKind, OpenOptions, Qcow2Image};
@@ -133,7 +133,11 @@ fn snapshot_operations_on_a_tree_with_refcount_zero_are_refused_unchanged() {
     for (what, result) in attempts {
         let err = result.expect_err(what);
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{what}: {err}");
-        assert!(err.to_string().contains("refcount is 0"), "{what}: {err}");
+        assert!(
+            err.to_string()
+                .contains("0xa0000, past the end of the file"),
+            "{what}: {err}"
+        );
     }
     drop(image);
     assert!(
