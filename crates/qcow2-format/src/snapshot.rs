@@ -65,6 +65,17 @@ impl SnapshotEntry {
             detail: format!("{} bytes", self.name.len()),
         })?;
         let extra_len = self.extra_len();
+        if extra_len > 8 && self.disk_size.is_none() {
+            // The disk size field would have to be written, and 0 would shrink the disk to
+            // nothing on apply: the caller must say what it is (QEMU: the image's size).
+            return Err(FormatError::invalid(
+                "snapshot disk size",
+                format!(
+                    "snapshot '{}' has an instruction count or extra data but no disk size",
+                    self.name
+                ),
+            ));
+        }
         if extra_len > MAX_SNAPSHOT_EXTRA_DATA as usize {
             return Err(FormatError::TooLarge {
                 what: "snapshot extra data",
@@ -261,6 +272,24 @@ mod tests {
         assert_eq!(d[0].disk_size, None);
         assert_eq!(d[0].id, "7");
         assert_eq!(d[0].name, "ab");
+    }
+
+    #[test]
+    fn never_invents_a_disk_size() {
+        let mut e = entry("1", "a");
+        e.disk_size = None;
+        e.unknown_extra.clear();
+        let (again, _) =
+            decode_snapshot_table(&encode_snapshot_table(&[e.clone()]).unwrap(), 1).unwrap();
+        assert_eq!(
+            again[0], e,
+            "an entry without disk size round-trips without one"
+        );
+        e.icount = Some(7);
+        assert!(matches!(
+            encode_snapshot_table(&[e]),
+            Err(FormatError::Invalid { .. })
+        ));
     }
 
     #[test]
