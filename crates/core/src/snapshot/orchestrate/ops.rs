@@ -23,7 +23,7 @@ use super::store::{failpoint, Change, Intent, Operation, SnapshotStore, StoredSn
 use crate::cmdline::LaunchOptions;
 use crate::config::{DiskFormat, DomainConfig};
 use crate::disk::{file_node_name, DiskChain};
-use crate::domain::{Host, QemuProcess};
+use crate::domain::Host;
 use crate::lock::{DomainLock, LockWait};
 use crate::snapshot::meta::{
     DiskSnapshotMode, DiskSnapshotRecord, MemorySnapshot, SnapshotKind, SnapshotMeta, SnapshotState,
@@ -172,12 +172,10 @@ impl<'a> Orchestrator<'a> {
         })
     }
 
-    /// A monitor connection when the domain's QEMU runs, `None` when it does not.
+    /// A monitor connection when the domain's QEMU runs, `None` when it does
+    /// not; a connection QEMU drops at once is tried again for a moment.
     pub(super) async fn running_qmp(&self, dom: &Domain) -> Result<Option<Qmp>> {
-        match dom.vm.reconcile(self.store(), &dom.lock)? {
-            QemuProcess::Alive(_) => Ok(Some(dom.vm.connect_qmp(&dom.lock).await?)),
-            QemuProcess::NotRunning | QemuProcess::Gone(_) => Ok(None),
-        }
+        self.connect_if_running(dom, Duration::from_secs(5)).await
     }
 
     /// Starts QEMU on `disks` and connects to it.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use vmsnap_qcow2::{Qcow2Image, RepairMode};
-use vmsnap_qmp::{JobStatus, Qmp};
+use vmsnap_qmp::{JobStatus, MigrationStatus, Qmp, RunState};
 
 use super::error::{Result, SnapshotError};
 use super::model::{chains_of, DiskCapture};
@@ -70,9 +70,19 @@ impl Orchestrator<'_> {
     /// clean up.
     async fn recover_pass(&self, dom: &Domain, notes: &mut Vec<String>) -> Result<()> {
         let intents = self.snaps.open_intents(&dom.name)?;
-        let qmp = self.recovery_qmp(dom).await?;
+        let qmp = self.connect_if_running(dom, BUSY_QEMU_WAIT).await?;
         if let Some(qmp) = &qmp {
             self.settle_jobs(dom, qmp, notes).await?;
+            let creates: Vec<&Intent> = intents
+                .iter()
+                .map(|open| &open.intent)
+                .filter(|intent| intent.op == Operation::Create && !intent.committed)
+                .collect();
+            if !creates.is_empty() {
+                cancel_memory_save(&dom.name, qmp, notes).await?;
+                let resumes = creates.iter().any(|intent| intent.paused_guest);
+                reactivate_after_save(&dom.name, qmp, resumes).await?;
+            }
             if !intents.is_empty() {
                 self.adopt_live_chains(dom, qmp, notes).await?;
             }
@@ -225,12 +235,18 @@ impl Orchestrator<'_> {
     }
 
     /// A monitor connection when the domain's QEMU runs, `None` when it
-    /// does not (or exits while we wait). QEMU answers a new client only
-    /// once its main loop is free, and a snapshot-save or -load a killed
-    /// vmsnap started keeps it busy for as long as the job takes, so a
-    /// QEMU that is alive but silent gets more time than one command.
-    async fn recovery_qmp(&self, dom: &Domain) -> Result<Option<Qmp>> {
-        let deadline = Instant::now() + BUSY_QEMU_WAIT;
+    /// does not (or exits while we wait). A connection QEMU closes before
+    /// its greeting (it drops clients that arrive while the one before is
+    /// being torn down, e.g. a killed vmsnap's) or a silent QEMU is tried
+    /// again for up to `patience`: QEMU answers a new client only once its
+    /// main loop is free, and a snapshot-save or -load a killed vmsnap
+    /// started keeps it busy for as long as the job takes.
+    pub(super) async fn connect_if_running(
+        &self,
+        dom: &Domain,
+        patience: Duration,
+    ) -> Result<Option<Qmp>> {
+        let deadline = Instant::now() + patience;
         loop {
             match dom.vm.reconcile(self.store(), &dom.lock)? {
                 QemuProcess::Alive(_) => {}
@@ -551,6 +567,86 @@ pub(super) fn job_id(kind: &str) -> String {
         std::process::id(),
         SEQUENCE.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Ends a memory save (outgoing migration) an interrupted create left
+/// running in QEMU and waits until it has stopped: its snapshot is being
+/// rolled back, and a save that ended later would stop the guest after
+/// recovery has looked. A plain save is cancelled (QEMU resumes a guest the
+/// save had stopped); a background-snapshot save is left to finish, because
+/// QEMU 7.2 never lifts its write protection from guest RAM after a
+/// cancelled one and the guest freezes for good (its file has room: the
+/// create reserved it before starting).
+async fn cancel_memory_save(domain: &str, qmp: &Qmp, notes: &mut Vec<String>) -> Result<()> {
+    let status = qmp
+        .query_status()
+        .await
+        .map_err(qmp_error(domain, "query-status"))?;
+    if status.status == RunState::InMigrate {
+        return Ok(());
+    }
+    let capabilities = qmp
+        .execute("query-migrate-capabilities", None)
+        .await
+        .map_err(qmp_error(domain, "query-migrate-capabilities"))?;
+    let background = capabilities.as_array().is_some_and(|caps| {
+        caps.iter().any(|c| {
+            c["capability"] == "background-snapshot" && c["state"] == serde_json::Value::Bool(true)
+        })
+    });
+    let deadline = Instant::now() + LEFTOVER_JOB_WAIT;
+    let mut cancelled = false;
+    loop {
+        let info = qmp
+            .query_migrate()
+            .await
+            .map_err(qmp_error(domain, "query-migrate"))?;
+        let running = info
+            .status
+            .as_ref()
+            .is_some_and(|s| *s != MigrationStatus::None && !s.is_terminal());
+        if !running {
+            if cancelled {
+                notes.push(
+                    "cancelled the memory save an interrupted create left running in QEMU".into(),
+                );
+            } else if background {
+                notes.push(
+                    "waited for the memory save an interrupted create left running in QEMU".into(),
+                );
+            }
+            return Ok(());
+        }
+        if !cancelled && !background {
+            qmp.migrate_cancel()
+                .await
+                .map_err(qmp_error(domain, "migrate_cancel"))?;
+            cancelled = true;
+        } else if Instant::now() >= deadline {
+            return Err(SnapshotError::Conflict(format!(
+                "QEMU of domain {domain} still saves memory for an interrupted snapshot after \
+                 {}s; try again later",
+                LEFTOVER_JOB_WAIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+}
+
+/// A memory save that completed leaves the guest in `postmigrate` with its
+/// images inactive, and only `cont` re-activates them in QEMU 7.2: a guest
+/// that was paused before is run and stopped at once (one the interrupted
+/// create paused, `resumes`, is resumed by its intent's clean-up).
+async fn reactivate_after_save(domain: &str, qmp: &Qmp, resumes: bool) -> Result<()> {
+    let status = qmp
+        .query_status()
+        .await
+        .map_err(qmp_error(domain, "query-status"))?;
+    if status.status == RunState::PostMigrate && !resumes {
+        qmp.cont().await.map_err(qmp_error(domain, "cont"))?;
+        qmp.stop().await.map_err(qmp_error(domain, "stop"))?;
+    }
+    Ok(())
 }
 
 /// Whether an error means the monitor connection broke or QEMU did not
