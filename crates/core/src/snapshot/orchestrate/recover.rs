@@ -718,3 +718,58 @@ fn repair_image(image: &Path, what: &str) -> Vec<String> {
     }
     notes
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_never_repeat_and_carry_the_prefix_recovery_looks_for() {
+        let ids: BTreeSet<String> = (0..1000).map(|_| job_id("load")).collect();
+        assert_eq!(ids.len(), 1000);
+        let pid = std::process::id().to_string();
+        for id in &ids {
+            assert!(id.starts_with("vmsnap-load-"), "{id}");
+            assert_eq!(id.split('-').nth(2), Some(pid.as_str()), "{id}");
+            // QEMU accepts only letters, digits, '-', '.' and '_' in ids.
+            assert!(
+                id.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_broken_or_silent_monitor_makes_recovery_start_over() {
+        let path = PathBuf::from("/run/qmp.sock");
+        let qemu = |source: vmsnap_qmp::Error| SnapshotError::Qemu {
+            domain: "vm".into(),
+            command: "query-jobs".into(),
+            source: Box::new(source),
+        };
+        assert!(lost_monitor(&qemu(vmsnap_qmp::Error::Disconnected {
+            path: path.clone()
+        })));
+        assert!(lost_monitor(&qemu(vmsnap_qmp::Error::Timeout {
+            path: path.clone(),
+            command: "query-jobs".into(),
+            timeout: Duration::from_secs(1),
+        })));
+        let connect = crate::Error::Qmp {
+            name: "vm".into(),
+            source: vmsnap_qmp::Error::Connect {
+                path: path.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::WouldBlock),
+            },
+        };
+        assert!(lost_monitor(&SnapshotError::Core(connect)));
+        assert!(!lost_monitor(&qemu(vmsnap_qmp::Error::Qmp {
+            path,
+            command: "job-dismiss".into(),
+            class: "GenericError".into(),
+            desc: "Job not found".into(),
+        })));
+        assert!(!lost_monitor(&SnapshotError::Conflict("busy".into())));
+    }
+}
