@@ -517,9 +517,6 @@ impl Orchestrator<'_> {
                     continue;
                 };
                 let layer = &chain.layers[depth];
-                if !offline::live_has_tag(&dom.name, qmp, &layer.node_name, tag).await? {
-                    return Ok(());
-                }
                 let backing = chain.layers.get(depth + 1).map(|l| l.node_name.clone());
                 let reopen = |read_only: bool| {
                     json!({"options": [
@@ -530,6 +527,23 @@ impl Orchestrator<'_> {
                          "read-only": read_only},
                     ]})
                 };
+                if !offline::live_has_tag(&dom.name, qmp, &layer.node_name, tag).await? {
+                    // A vmsnap killed between its two reopens left the layer
+                    // writable (QEMU then holds its write lock): undo that.
+                    let nodes = qmp
+                        .query_named_block_nodes()
+                        .await
+                        .map_err(qmp_error(&dom.name, "query-named-block-nodes"))?;
+                    if nodes
+                        .iter()
+                        .any(|n| n.node_name == layer.node_name && !n.ro)
+                    {
+                        qmp.execute("blockdev-reopen", Some(reopen(true)))
+                            .await
+                            .map_err(qmp_error(&dom.name, "blockdev-reopen"))?;
+                    }
+                    return Ok(());
+                }
                 qmp.execute("blockdev-reopen", Some(reopen(false)))
                     .await
                     .map_err(qmp_error(&dom.name, "blockdev-reopen"))?;
