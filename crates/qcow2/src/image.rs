@@ -1171,9 +1171,11 @@ impl Qcow2Image {
             if let Some(Some(block)) = self.rc.blocks.get_mut((c >> per_shift) as usize) {
                 let i = (c & (per - 1)) as usize;
                 let old = get_refcount(&block.data, order, i);
+                // A reference added to a cluster with refcount 0 (slow path) means the
+                // refcounts are wrong; dropping to 0 needs the cache clean-up below.
                 let new = old
                     .checked_add_signed(delta)
-                    .filter(|&n| n != 0 && n <= max);
+                    .filter(|&n| n != 0 && n <= max && old != 0);
                 if let Some(new) = new {
                     if new != old {
                         set_refcount(&mut block.data, order, i, new)
@@ -1184,6 +1186,20 @@ impl Qcow2Image {
                 }
             }
             let old = self.refcount(c)?;
+            if delta > 0 && old == 0 {
+                // Only snapshot operations add references, to clusters a table already uses.
+                let detail = if c.saturating_mul(cs) >= self.file_len {
+                    format!(
+                        "a table maps guest data to {:#x}, past the end of the file; refusing to change the image",
+                        c.saturating_mul(cs)
+                    )
+                } else {
+                    format!(
+                        "cluster {c} is in use but its refcount is 0; repair the image with `check -r all` first"
+                    )
+                };
+                return Err(Error::corrupt(&self.path, detail));
+            }
             let new = if delta >= 0 {
                 let new = old.saturating_add(delta as u64);
                 if new > max_refcount(self.header.refcount_order) {

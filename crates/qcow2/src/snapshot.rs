@@ -117,7 +117,8 @@ impl Qcow2Image {
         // Everything is decided in memory first, so a refusal (data mapped onto metadata,
         // refcount overflow) writes nothing, not even a cluster past the end of the file.
         let active = self.l1.clone();
-        self.validate_tree(&active, "the active L1 table")?;
+        // The +1 pass below refuses clusters with refcount 0 itself, before any write.
+        self.validate_tree(&active, "the active L1 table", false)?;
         self.require_allocated_table(
             self.header.snapshots_offset,
             self.snapshots_size,
@@ -163,7 +164,7 @@ impl Qcow2Image {
         self.flush()?;
         let sn = self.snapshots[index].clone();
         let sn_l1 = self.read_snapshot_l1(&sn)?;
-        self.validate_tree(&sn_l1, &format!("snapshot '{}'", sn.name))?;
+        self.validate_tree(&sn_l1, &format!("snapshot '{}'", sn.name), true)?;
         self.require_allocated_table(
             self.header.snapshots_offset,
             self.snapshots_size,
@@ -211,9 +212,11 @@ impl Qcow2Image {
         let disk_size = sn.disk_size.unwrap_or(self.size());
         // Both trees change refcounts: refuse before anything is written if either maps
         // data onto metadata.
-        self.validate_tree(&sn_l1, &format!("snapshot '{}'", sn.name))?;
+        // The snapshot's tree gains references (that pass refuses refcount 0 itself, before
+        // any write); the active tree loses them after the switch, so it is checked here.
+        self.validate_tree(&sn_l1, &format!("snapshot '{}'", sn.name), false)?;
         let active = self.l1.clone();
-        self.validate_tree(&active, "the active L1 table")?;
+        self.validate_tree(&active, "the active L1 table", true)?;
         self.require_allocated_table(
             self.header.l1_table_offset,
             u64::from(self.header.l1_size) * 8,
@@ -284,8 +287,15 @@ impl Qcow2Image {
     /// for data, an active L2 table), or that references a cluster whose refcount is 0.
     /// Changing refcounts through such a tree would free or share metadata, or leave a
     /// snapshot's data writable in place; writing through it would overwrite metadata.
-    /// Reads only, so the operation that asks is refused before it writes anything.
-    pub(crate) fn validate_tree(&mut self, l1: &[u64], tree: &str) -> Result<()> {
+    /// Reads only, so the operation that asks is refused before it writes anything. The
+    /// refcount test is skipped with `!check_refcounts` (a tree about to gain references,
+    /// whose in-memory +1 pass refuses refcount 0 on its own).
+    pub(crate) fn validate_tree(
+        &mut self,
+        l1: &[u64],
+        tree: &str,
+        check_refcounts: bool,
+    ) -> Result<()> {
         let cs = self.cluster_size();
         let l2_entries = self.header.l2_entries();
         let ranges = self.metadata_ranges()?;
@@ -314,7 +324,9 @@ impl Qcow2Image {
                     ));
                 }
             }
-            self.require_referenced(l2_off, guest_base, tree)?;
+            if check_refcounts {
+                self.require_referenced(l2_off, guest_base, tree)?;
+            }
             let Some(table) = self.l2.get(&l2_off) else {
                 continue;
             };
@@ -346,7 +358,7 @@ impl Qcow2Image {
                     ));
                 }
                 let mut cluster = start;
-                while cluster < end {
+                while check_refcounts && cluster < end {
                     self.require_referenced(cluster, guest, tree)?;
                     cluster += cs;
                 }
