@@ -191,10 +191,18 @@ impl<'a> Orchestrator<'a> {
         Ok(dom.vm.connect_qmp(&dom.lock).await?)
     }
 
-    /// Ends QEMU (its state is being replaced) and waits until it is gone.
+    /// Ends QEMU (its state is being replaced) and waits until it is gone;
+    /// a QEMU that exited meanwhile (one a killed vmsnap had already told to
+    /// end) is just as good.
     async fn stop_qemu(&self, dom: &Domain, qmp: Qmp) -> Result<()> {
         qmp.close().await;
-        Ok(dom.vm.destroy(self.store(), &dom.lock).await?)
+        match dom.vm.destroy(self.store(), &dom.lock).await {
+            Ok(()) => Ok(()),
+            Err(err) => match dom.vm.reconcile(self.store(), &dom.lock)? {
+                crate::domain::QemuProcess::Alive(_) => Err(err.into()),
+                _ => Ok(()),
+            },
+        }
     }
 
     /// The domain's snapshot tree (for listing and queries), after checking it exists.

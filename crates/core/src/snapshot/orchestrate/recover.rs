@@ -37,6 +37,12 @@ const BUSY_QEMU_WAIT: Duration = Duration::from_secs(120);
 /// Pause between two looks at a busy QEMU.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
+/// Attempts at finishing an interrupted revert.
+const REDO_ATTEMPTS: u32 = 3;
+
+/// Pause between two attempts at finishing an interrupted revert.
+const REDO_PAUSE: Duration = Duration::from_secs(1);
+
 /// Passes of recovery before a monitor that keeps breaking is reported.
 const RECOVERY_ATTEMPTS: u32 = 3;
 
@@ -203,27 +209,53 @@ impl Orchestrator<'_> {
             .snapshots(&dom.name)?
             .iter()
             .any(|s| &s.name == name);
+        let known: BTreeSet<i64> = self
+            .snaps
+            .open_intents(&dom.name)?
+            .iter()
+            .map(|open| open.id)
+            .collect();
+        let mut result = Ok(());
         if exists {
-            let quiet = |_: Progress<'_>| {};
-            match self
-                .revert_locked(dom, name, RevertMode::AsRecorded, &quiet, Vec::new())
-                .await
-            {
-                Ok(outcome) => {
-                    notes.extend(outcome.notes);
-                    notes.push(format!("finished {what} (the domain is {})", outcome.state));
+            // A QEMU the dead process had told to end may still be on its
+            // way out: each attempt starts again from what is really there.
+            for attempt in 1..=REDO_ATTEMPTS {
+                let quiet = |_: Progress<'_>| {};
+                match self
+                    .revert_locked(dom, name, RevertMode::AsRecorded, &quiet, Vec::new())
+                    .await
+                {
+                    Ok(outcome) => {
+                        notes.extend(outcome.notes);
+                        notes.push(format!("finished {what} (the domain is {})", outcome.state));
+                        break;
+                    }
+                    Err(_) if attempt < REDO_ATTEMPTS => tokio::time::sleep(REDO_PAUSE).await,
+                    Err(err) if lost_monitor(&err) => result = Err(err),
+                    Err(err) => notes.push(format!(
+                        "could not finish {what}: {err}; revert again with `vmsnap snapshot-revert {} {name}`",
+                        dom.name
+                    )),
                 }
-                Err(err) if lost_monitor(&err) => return Err(err),
-                Err(err) => notes.push(format!(
-                    "could not finish {what}: {err}; revert again with `vmsnap snapshot-revert {} {name}`",
-                    dom.name
-                )),
             }
         }
-        for open in reverts {
-            self.snaps.close(open.id)?;
+        // Journal entries of failed attempts are closed too: a revert that
+        // happened much later, on whatever the guest did meanwhile, would
+        // lose that work.
+        for open in self.snaps.open_intents(&dom.name)? {
+            let attempt = !known.contains(&open.id)
+                && open.intent.op == Operation::Revert
+                && !open.intent.committed;
+            if attempt {
+                self.snaps.close(open.id)?;
+            }
         }
-        Ok(())
+        if result.is_ok() {
+            for open in reverts {
+                self.snaps.close(open.id)?;
+            }
+        }
+        result
     }
 
     /// Whether the domain's QEMU is not running (so the engine may open its images).
