@@ -37,6 +37,9 @@ const BUSY_QEMU_WAIT: Duration = Duration::from_secs(120);
 /// Pause between two looks at a busy QEMU.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
+/// How long recovery waits for a stray QEMU it killed to be gone.
+const STRAY_EXIT_WAIT: Duration = Duration::from_secs(5);
+
 /// Attempts at finishing an interrupted revert.
 const REDO_ATTEMPTS: u32 = 3;
 
@@ -76,6 +79,7 @@ impl Orchestrator<'_> {
     /// clean up.
     async fn recover_pass(&self, dom: &Domain, notes: &mut Vec<String>) -> Result<()> {
         let intents = self.snaps.open_intents(&dom.name)?;
+        notes.extend(end_stray_qemus(&dom.paths.pid_file).await);
         let qmp = self.connect_if_running(dom, BUSY_QEMU_WAIT).await?;
         if let Some(qmp) = &qmp {
             self.settle_jobs(dom, qmp, notes).await?;
@@ -693,6 +697,63 @@ async fn reactivate_after_save(domain: &str, qmp: &Qmp, resumes: bool) -> Result
         qmp.stop().await.map_err(qmp_error(domain, "stop"))?;
     }
     Ok(())
+}
+
+/// Ends QEMU processes started for this domain (their `-pidfile` is its pid
+/// file) that the pid file does not name. A vmsnap killed while QEMU was
+/// starting leaves one whose pid file the next command read half written
+/// and cleared away: unrecorded, it would hold image locks and the guest's
+/// sockets, and run on next to the QEMU a revert starts. Returns notes.
+async fn end_stray_qemus(pid_file: &Path) -> Vec<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let recorded: Option<u32> = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse().ok());
+    let wanted = pid_file.as_os_str().as_bytes();
+    let mut strays = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Some(pid) == recorded || pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args
+            .windows(2)
+            .any(|pair| pair[0] == b"-pidfile" && pair[1] == wanted)
+        {
+            strays.push(pid);
+        }
+    }
+    let mut notes = Vec::new();
+    for pid in strays {
+        let Ok(target) = libc::pid_t::try_from(pid) else {
+            continue;
+        };
+        // SAFETY: sending a signal has no memory-safety preconditions; the
+        // pid is a positive process id read from /proc, never 0 or -1.
+        unsafe {
+            libc::kill(target, libc::SIGKILL);
+        }
+        let cmdline = PathBuf::from(format!("/proc/{pid}/cmdline"));
+        let deadline = Instant::now() + STRAY_EXIT_WAIT;
+        // A dead process's cmdline reads empty (zombie) or is gone.
+        while std::fs::read(&cmdline).is_ok_and(|c| !c.is_empty()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        notes.push(format!(
+            "ended QEMU process {pid}, which an interrupted command had started but not recorded"
+        ));
+    }
+    notes
 }
 
 /// Whether an error means the monitor connection broke or QEMU did not
