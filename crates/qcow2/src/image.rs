@@ -175,6 +175,8 @@ pub struct Qcow2Image {
     pub(crate) metadata: Option<HashMap<u64, MetaKind>>,
     compressed_cache: Option<(u64, Vec<u8>)>,
     unsynced: Unsynced,
+    /// Whether this handle has issued any write to the file (see [`Qcow2Image::modified`]).
+    modified: bool,
     writing_frees: bool,
     unsynced_ranges: Vec<(u64, u64)>,
     ranges_overflowed: bool,
@@ -341,6 +343,7 @@ impl Qcow2Image {
             metadata: None,
             compressed_cache: None,
             unsynced: Unsynced::Clean,
+            modified: false,
             writing_frees: false,
             unsynced_ranges: Vec::new(),
             ranges_overflowed: false,
@@ -648,6 +651,7 @@ impl Qcow2Image {
             }
             *left -= 1;
         }
+        self.modified = true;
         self.file
             .write_all_at(data, offset)
             .map_err(|e| Error::io(&self.path, format!("write the {what} at {offset:#x}"), e))?;
@@ -677,6 +681,15 @@ impl Qcow2Image {
         } else {
             self.unsynced_ranges.push((offset, len));
         }
+    }
+
+    /// Whether this handle has written to the file at all, even a write that failed.
+    ///
+    /// An operation that fails while this is still false was refused before it touched the
+    /// image, so a caller can treat it as never started (no repair, no recovery needed).
+    #[must_use]
+    pub fn modified(&self) -> bool {
+        self.modified
     }
 
     /// Makes everything this image wrote since the last call durable, skipped when nothing was.

@@ -110,8 +110,8 @@ pub enum SnapshotError {
         /// Why.
         detail: String,
     },
-    /// The qcow2 engine failed on an image.
-    #[error("image {path}: {source}")]
+    /// The qcow2 engine failed on an image (its message names the image).
+    #[error("{source}")]
     Image {
         /// The image.
         path: PathBuf,

@@ -153,11 +153,28 @@ pub async fn live_has_tag(domain: &str, qmp: &Qmp, node: &str, tag: &str) -> Res
         .is_some_and(|snaps| snaps.iter().any(|s| s.name == tag)))
 }
 
+/// Why creating an internal snapshot in a closed image failed, and whether
+/// the image may have been changed on the way (only then does the journal
+/// entry need recovery's rollback and repair).
+pub struct TagFailure {
+    /// What went wrong, for the user.
+    pub error: SnapshotError,
+    /// Whether anything was written to the image before the failure.
+    pub image_changed: bool,
+}
+
 /// Creates a disk-only internal snapshot `tag` in a closed image.
-pub fn create_tag(image: &Path, tag: &str) -> Result<()> {
-    let mut img = open(image, true)?;
-    img.create_snapshot(tag).map_err(image_error(image))?;
-    img.flush().map_err(image_error(image))
+pub fn create_tag(image: &Path, tag: &str) -> std::result::Result<(), TagFailure> {
+    let untouched = |error| TagFailure {
+        error,
+        image_changed: false,
+    };
+    let mut img = open(image, true).map_err(untouched)?;
+    let result = img.create_snapshot(tag).and_then(|_| img.flush());
+    result.map_err(|source| TagFailure {
+        image_changed: img.modified(),
+        error: image_error(image)(source),
+    })
 }
 
 /// Deletes internal snapshot `tag` from a closed image, if it is there.

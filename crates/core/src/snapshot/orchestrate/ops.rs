@@ -576,8 +576,21 @@ impl<'a> Orchestrator<'a> {
             None => {
                 intent.step = "create internal snapshots offline".into();
                 self.snaps.step(id, &intent)?;
-                for (image, tag) in &intent.new_tags {
-                    offline::create_tag(image, tag)?;
+                for (done, (image, tag)) in intent.new_tags.iter().enumerate() {
+                    let Err(failure) = offline::create_tag(image, tag) else {
+                        continue;
+                    };
+                    // Refused before writing (a corrupt image, a name taken): take
+                    // back the tags made in the images before it and close the
+                    // entry here, so recovery never repairs an image nobody changed.
+                    if !failure.image_changed
+                        && intent.new_tags[..done]
+                            .iter()
+                            .all(|(image, tag)| offline::delete_tag_if_present(image, tag).is_ok())
+                    {
+                        self.snaps.close(id)?;
+                    }
+                    return Err(failure.error);
                 }
                 meta.state = SnapshotState::Shutoff;
             }
