@@ -158,7 +158,7 @@ pub async fn live_has_tag(domain: &str, qmp: &Qmp, node: &str, tag: &str) -> Res
 /// entry need recovery's rollback and repair).
 pub struct TagFailure {
     /// What went wrong, for the user.
-    pub error: SnapshotError,
+    pub error: Box<SnapshotError>,
     /// Whether anything was written to the image before the failure.
     pub image_changed: bool,
 }
@@ -166,14 +166,14 @@ pub struct TagFailure {
 /// Creates a disk-only internal snapshot `tag` in a closed image.
 pub fn create_tag(image: &Path, tag: &str) -> std::result::Result<(), TagFailure> {
     let untouched = |error| TagFailure {
-        error,
+        error: Box::new(error),
         image_changed: false,
     };
     let mut img = open(image, true).map_err(untouched)?;
     let result = img.create_snapshot(tag).and_then(|_| img.flush());
     result.map_err(|source| TagFailure {
         image_changed: img.modified(),
-        error: image_error(image)(source),
+        error: Box::new(image_error(image)(source)),
     })
 }
 

@@ -590,7 +590,7 @@ impl<'a> Orchestrator<'a> {
                     {
                         self.snaps.close(id)?;
                     }
-                    return Err(failure.error);
+                    return Err(*failure.error);
                 }
                 meta.state = SnapshotState::Shutoff;
             }
