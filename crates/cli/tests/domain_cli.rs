@@ -286,6 +286,23 @@ fn domain_commands_round_trip() {
         "error: cannot destroy domain 'clidom': it is crashed; start it with `vmsnap start clidom`"
     );
 
+    // A start that QEMU refuses (another process holds the image's write
+    // lock) changes nothing: the domain still shows crashed, no Id taken.
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(cli.path("vda.qcow2"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let before = cli.ok(&["dominfo", "clidom"]);
+    let err = cli.fails(&["start", "clidom"]);
+    assert!(err.contains("lock"), "QEMU's own reason is shown: {err}");
+    assert_eq!(cli.ok(&["dominfo", "clidom"]), before);
+    assert!(row_of(&cli.ok(&["list", "--all"]), "clidom").is_some_and(|r| r.ends_with("crashed")));
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+
     // It starts again after the crash; destroy and undefine finish the round trip.
     cli.ok(&["start", "--paused", "clidom"]);
     assert_eq!(

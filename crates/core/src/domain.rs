@@ -556,8 +556,22 @@ impl Domain {
         let args = qemu_args(&self.config, disks, &self.paths, &options)?;
         // The Id is given before QEMU exists, so a running domain always has
         // one even if vmsnap is killed right after starting it.
-        let id = store.transaction(|tx| store::record_start(tx, self.name()))?;
-        self.spawn_qemu(&args).await?;
+        let (before, id) = store.transaction(|tx| {
+            let before = store::run_fields(tx, self.name())?;
+            Ok((before, store::record_start(tx, self.name())?))
+        })?;
+        let launched = self.launch(&args, id).await;
+        if launched.is_err() {
+            // Best effort: the launch error is what the user needs to see.
+            let _ = store.transaction(|tx| store::restore_run_fields(tx, self.name(), &before));
+        }
+        launched
+    }
+
+    /// Runs QEMU and waits until its monitor answers; on failure ends it
+    /// and removes its runtime files.
+    async fn launch(&self, args: &[String], id: i64) -> Result<i64> {
+        self.spawn_qemu(args).await?;
         crate::failpoint::hit("domain.start.spawned");
         let pid = match self.process()? {
             QemuProcess::Alive(pid) => pid,

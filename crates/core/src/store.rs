@@ -830,6 +830,42 @@ pub fn set_disk_chain(tx: &Transaction<'_>, domain: &str, chain: &DiskChain) -> 
     Ok(())
 }
 
+/// A domain's run fields (Id, last exit) as a start found them, so a start
+/// that fails can put them back: `list` then shows the domain as before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunFields {
+    run_id: Option<i64>,
+    last_exit: Option<String>,
+    last_exit_at: Option<i64>,
+}
+
+/// Reads a domain's run fields (before [`record_start`] changes them).
+pub fn run_fields(conn: &Connection, domain: &str) -> Result<RunFields> {
+    conn.query_row(
+        "SELECT run_id, last_exit, last_exit_at FROM domains WHERE name = ?1",
+        params![domain],
+        |r| {
+            Ok(RunFields {
+                run_id: r.get(0)?,
+                last_exit: r.get(1)?,
+                last_exit_at: r.get(2)?,
+            })
+        },
+    )
+    .map_err(sql("read domain run"))
+}
+
+/// Puts back the run fields a failed start had replaced. The Id it used
+/// stays used, as libvirt's does after a failed start.
+pub fn restore_run_fields(tx: &Transaction<'_>, domain: &str, fields: &RunFields) -> Result<()> {
+    tx.execute(
+        "UPDATE domains SET run_id = ?2, last_exit = ?3, last_exit_at = ?4 WHERE name = ?1",
+        params![domain, fields.run_id, fields.last_exit, fields.last_exit_at],
+    )
+    .map_err(sql("restore domain run"))?;
+    Ok(())
+}
+
 /// Gives the domain a new virsh-style Id for the run being started and clears
 /// its last exit. Ids grow across all domains, as libvirt's do.
 pub fn record_start(tx: &Transaction<'_>, domain: &str) -> Result<i64> {
