@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
+use vmsnap_core::snapshot::orchestrate::Orchestrator;
 use vmsnap_core::{
     DiskStats, Domain, DomainLock, DomainState, Host, LaunchOptions, LockWait, QemuProcess,
 };
@@ -99,6 +100,26 @@ pub enum DomainCommand {
     },
 }
 
+impl DomainCommand {
+    /// The domain a command changes (not `define`, nor the read-only ones).
+    fn acted_on(&self) -> Option<&str> {
+        match self {
+            DomainCommand::Undefine { domain, .. }
+            | DomainCommand::Start { domain, .. }
+            | DomainCommand::Shutdown { domain }
+            | DomainCommand::Destroy { domain }
+            | DomainCommand::Suspend { domain }
+            | DomainCommand::Resume { domain }
+            | DomainCommand::Qmp { domain, .. } => Some(domain),
+            DomainCommand::Define { .. }
+            | DomainCommand::List { .. }
+            | DomainCommand::Dominfo { .. }
+            | DomainCommand::Domblklist { .. }
+            | DomainCommand::Domblkstat { .. } => None,
+        }
+    }
+}
+
 /// Runs one domain command.
 pub fn run(command: DomainCommand, globals: &Globals) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -123,6 +144,15 @@ async fn execute(
     json: bool,
 ) -> Result<String> {
     let store = host.store();
+    if let Some(domain) = command.acted_on() {
+        // A killed vmsnap may have left a snapshot operation half done:
+        // finish or roll it back before acting on the domain.
+        let notes = Orchestrator::new(host)?
+            .wait_for_lock(wait == LockWait::Wait)
+            .recover_if_interrupted(domain)
+            .await?;
+        notes.iter().for_each(|note| eprintln!("note: {note}"));
+    }
     match command {
         DomainCommand::Define { file } => {
             let domain = host.define(&file, wait)?;

@@ -86,7 +86,7 @@ pub struct CreateOutcome {
 }
 
 /// Run state a revert leaves the guest in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum RevertMode {
     /// The state the snapshot recorded.
     #[default]
@@ -1384,6 +1384,7 @@ impl<'a> Orchestrator<'a> {
         }
         self.snaps.own(domain, &new_files)?;
         let mut intent = Intent::new(Operation::Revert, name);
+        intent.revert_mode = mode;
         let id = self.snaps.begin(domain, &intent)?;
         let qmp = self.running_qmp(dom).await?;
         let same_images = new_chains.iter().all(|(target, chain)| {

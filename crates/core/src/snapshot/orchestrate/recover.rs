@@ -16,7 +16,7 @@ use vmsnap_qmp::{JobStatus, MigrationStatus, Qmp, RunState};
 use super::error::{Result, SnapshotError};
 use super::model::{chains_of, DiskCapture};
 use super::offline;
-use super::ops::{enable_discard, Domain, Orchestrator, Progress, RevertMode, JOB_TIMEOUT};
+use super::ops::{enable_discard, Domain, Orchestrator, Progress, JOB_TIMEOUT};
 use super::plan::needed_files;
 use super::runtime::qmp_error;
 use super::store::{Change, Intent, OpenIntent, Operation};
@@ -57,6 +57,17 @@ impl Orchestrator<'_> {
         self.store().ensure_writable()?;
         let dom = self.lock(domain)?;
         self.recover_locked(&dom).await
+    }
+
+    /// [`Self::recover`] when the journal holds an operation a killed vmsnap
+    /// left open, and nothing otherwise: what every command that acts on a
+    /// domain (start, destroy, ...) does first, so no one runs a VM on a
+    /// half-finished revert that a later command would then redo.
+    pub async fn recover_if_interrupted(&self, domain: &str) -> Result<Vec<String>> {
+        if self.snaps.open_intents(domain)?.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.recover(domain).await
     }
 
     /// [`Self::recover`] for a domain whose lock is held. A monitor
@@ -200,6 +211,7 @@ impl Orchestrator<'_> {
             return Ok(());
         };
         let name = &last.intent.snapshot;
+        let mode = last.intent.revert_mode;
         let what = format!("the interrupted revert to snapshot '{name}'");
         if self.qemu_is_down(dom)? {
             for open in reverts {
@@ -226,7 +238,7 @@ impl Orchestrator<'_> {
             for attempt in 1..=REDO_ATTEMPTS {
                 let quiet = |_: Progress<'_>| {};
                 match self
-                    .revert_locked(dom, name, RevertMode::AsRecorded, &quiet, Vec::new())
+                    .revert_locked(dom, name, mode, &quiet, Vec::new())
                     .await
                 {
                     Ok(outcome) => {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{Result, SnapshotError};
 use super::model::SnapshotStorage;
+use super::ops::RevertMode;
 use crate::disk::DiskChain;
 use crate::snapshot::meta::SnapshotMeta;
 use crate::store::{sql, Migration, Store};
@@ -112,6 +113,10 @@ pub struct Intent {
     pub committed: bool,
     /// Whether the operation stopped the guest's vCPUs and owes it a `cont`.
     pub paused_guest: bool,
+    /// For a revert, the run state the user asked for, so recovery finishes
+    /// it the same way (entries written before this field read as recorded).
+    #[serde(default)]
+    pub revert_mode: RevertMode,
 }
 
 impl Intent {
@@ -125,6 +130,7 @@ impl Intent {
             doomed_tags: Vec::new(),
             committed: false,
             paused_guest: false,
+            revert_mode: RevertMode::AsRecorded,
         }
     }
 }
