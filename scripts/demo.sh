@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# setup.sh may have installed cargo through rustup.
+export PATH="$HOME/.cargo/bin:$PATH"
 echo "building vmsnap (release)…"
 cargo build --release --quiet -p vmsnap -p vmsnap-testguest --bin vmsnap --bin guestctl
 bin=$PWD/target/release
