@@ -291,9 +291,6 @@ impl SnapshotMeta {
             .disks
             .iter()
             .any(|d| d.mode == DiskSnapshotMode::External);
-        if internal_disks && external_disks {
-            return bad("it mixes internal and external disks".into());
-        }
         match &self.memory {
             MemorySnapshot::Internal { vmstate_disk } => {
                 if external_disks {
@@ -309,9 +306,6 @@ impl SnapshotMeta {
                 }
             }
             MemorySnapshot::External { path } => {
-                if internal_disks {
-                    return bad("external memory cannot go with internal disks".into());
-                }
                 if !path.is_absolute() {
                     return bad(format!("relative memory file path {}", path.display()));
                 }
@@ -451,10 +445,21 @@ pub(crate) mod tests {
             .to_string()
             .contains("has no overlay"));
 
+        // Internal disks beside external ones and a memory file are fine;
+        // internal memory with an external disk is not.
         let mut m = external_meta("a", None, 1);
         m.disks.push(internal_meta("x", None, 1).disks[0].clone());
         m.disks[2].target = "vdc".into();
-        assert!(m.validate().unwrap_err().to_string().contains("mixes"));
+        m.validate().unwrap();
+        assert!(m.is_external());
+        m.memory = MemorySnapshot::Internal {
+            vmstate_disk: "vdc".into(),
+        };
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("internal memory cannot go with external disks"));
 
         let mut m = internal_meta("a", None, 1);
         m.memory = MemorySnapshot::Internal {

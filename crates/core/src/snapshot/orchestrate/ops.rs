@@ -291,13 +291,18 @@ impl<'a> Orchestrator<'a> {
                 )
                 .await?
             }
-            CreatePlan::External { disks, memory_file } => {
+            CreatePlan::External {
+                disks,
+                internal,
+                memory_file,
+            } => {
                 self.create_external(
                     &dom,
                     qmp.as_ref(),
                     &mut meta,
                     &chains,
                     &disks,
+                    &internal,
                     memory_file,
                     running_state,
                     progress,
@@ -349,9 +354,13 @@ impl<'a> Orchestrator<'a> {
                 dom.name
             )));
         }
-        if external && (any_internal_disk || mem_mode == Some(DiskSnapshotMode::Internal)) {
+        // Internal disks go with external ones (one QMP transaction switches
+        // the one kind and snapshots the other) and with a memory file; only
+        // QEMU's internal memory save cannot also switch disks to overlays.
+        if external && mem_mode == Some(DiskSnapshotMode::Internal) {
             return Err(SnapshotError::Unsupported(
-                "a snapshot is either internal or external: do not mix snapshot=internal with external disks or memory"
+                "internal memory (snapshot=internal in --memspec) cannot go with external disks: \
+                 save the memory to a file (--memspec file=PATH) or make every disk internal"
                     .into(),
             ));
         }
@@ -396,10 +405,25 @@ impl<'a> Orchestrator<'a> {
         }
         let snapshot_dir = dom.paths.dir.join("snapshots");
         let mut disks = Vec::new();
+        let mut internal = Vec::new();
         let mut taken = BTreeSet::new();
         for chain in chains {
-            if mode_of(&chain.target) == DiskSnapshotMode::No {
-                continue;
+            match mode_of(&chain.target) {
+                DiskSnapshotMode::No => continue,
+                DiskSnapshotMode::Internal => {
+                    let active = chain.active().expect("recorded chains are never empty");
+                    if active.format != DiskFormat::Qcow2 {
+                        return Err(SnapshotError::InternalNeedsQcow2 {
+                            domain: dom.name.clone(),
+                            disk: chain.target.clone(),
+                            format: active.format.as_str().into(),
+                            file: active.path.clone(),
+                        });
+                    }
+                    internal.push(chain.target.clone());
+                    continue;
+                }
+                DiskSnapshotMode::External => {}
             }
             let explicit = request
                 .diskspecs
@@ -426,7 +450,7 @@ impl<'a> Orchestrator<'a> {
             taken.insert(file.clone());
             disks.push((chain.target.clone(), file));
         }
-        if disks.is_empty() {
+        if disks.is_empty() && internal.is_empty() {
             return Err(SnapshotError::Invalid(
                 "no disk is left in the snapshot".into(),
             ));
@@ -447,7 +471,11 @@ impl<'a> Orchestrator<'a> {
         } else {
             None
         };
-        Ok(CreatePlan::External { disks, memory_file })
+        Ok(CreatePlan::External {
+            disks,
+            internal,
+            memory_file,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -621,6 +649,7 @@ impl<'a> Orchestrator<'a> {
         meta: &mut SnapshotMeta,
         chains: &[DiskChain],
         disks: &[(String, PathBuf)],
+        internal: &[String],
         memory_file: Option<PathBuf>,
         running: Option<bool>,
         progress: ProgressFn<'_>,
@@ -639,6 +668,7 @@ impl<'a> Orchestrator<'a> {
                 meta,
                 chains,
                 disks,
+                internal,
                 memory_file.as_deref(),
                 running,
                 progress,
@@ -730,6 +760,11 @@ impl<'a> Orchestrator<'a> {
                 }
             }
         }
+        for (image, tag) in &undo.tags {
+            if let Err(err) = self.delete_tag(dom, qmp, image, tag).await {
+                outcome = outcome.and(Err(err));
+            }
+        }
         kept.extend(
             self.snaps
                 .chains(&dom.name)?
@@ -772,6 +807,7 @@ impl<'a> Orchestrator<'a> {
         meta: &mut SnapshotMeta,
         chains: &[DiskChain],
         disks: &[(String, PathBuf)],
+        internal: &[String],
         memory_file: Option<&Path>,
         running: Option<bool>,
         progress: ProgressFn<'_>,
@@ -787,8 +823,30 @@ impl<'a> Orchestrator<'a> {
         intent.step = "create overlays".into();
         self.snaps.step(id, intent)?;
         let mut switches = Vec::new();
+        let mut internal_nodes = Vec::new();
         for chain in chains {
             let active = chain.active().expect("recorded chains are never empty");
+            if internal.contains(&chain.target) {
+                // Snapshotted inside its qcow2 image at the same instant.
+                intent.new_tags.push((active.path.clone(), name.clone()));
+                internal_nodes.push(active.node_name.clone());
+                storage.disks.insert(
+                    chain.target.clone(),
+                    DiskCapture::Internal {
+                        chain: chain_of(chain),
+                        tag: name.clone(),
+                    },
+                );
+                meta.disks.push(DiskSnapshotRecord {
+                    target: chain.target.clone(),
+                    mode: DiskSnapshotMode::Internal,
+                    source: active.path.clone(),
+                    source_format: active.format.as_str().into(),
+                    overlay: None,
+                    overlay_format: None,
+                });
+                continue;
+            }
             let Some((_, file)) = disks.iter().find(|(t, _)| t == &chain.target) else {
                 storage
                     .disks
@@ -846,6 +904,15 @@ impl<'a> Orchestrator<'a> {
                     "domain {} is not running: there is no memory to save",
                     dom.name
                 )));
+            }
+            if !intent.new_tags.is_empty() {
+                intent.step = "create internal snapshots offline".into();
+                self.snaps.step(id, intent)?;
+                for (image, tag) in &intent.new_tags {
+                    // Even a failed create may have left part of a tag behind.
+                    undo.tags.push((image.clone(), tag.clone()));
+                    offline::create_tag(image, tag).map_err(|failure| *failure.error)?;
+                }
             }
             meta.state = SnapshotState::Shutoff;
             meta.validate()
@@ -945,6 +1012,9 @@ impl<'a> Orchestrator<'a> {
         let actions: Vec<Value> = switches
             .iter()
             .map(|(top, overlay, _)| json!({"type": "blockdev-snapshot", "data": {"node": top, "overlay": overlay}}))
+            .chain(internal_nodes.iter().map(|node| {
+                json!({"type": "blockdev-snapshot-internal-sync", "data": {"device": node, "name": name}})
+            }))
             .collect();
         let mut monitor = FdMonitor::connect(&dom.name, &dom.paths.query_socket)?;
         if let Some(image) = &memory_image {
@@ -963,6 +1033,7 @@ impl<'a> Orchestrator<'a> {
             return Err(err);
         }
         undo.switched = switches.clone();
+        undo.tags = intent.new_tags.clone();
         let started = match memory_image {
             Some(_) => monitor
                 .execute("migrate", json!({"uri": format!("fd:{MEMORY_FD_NAME}")}))
@@ -1056,6 +1127,9 @@ struct ExternalUndo {
     switched: Vec<(String, String, PathBuf)>,
     /// Whether QEMU's background-snapshot capability was turned on.
     background: bool,
+    /// Internal snapshots (image, tag) this attempt made in disks that
+    /// were snapshotted internally beside the external ones.
+    tags: Vec<(PathBuf, String)>,
 }
 
 /// Brings the guest back to running (`was_running`) or paused after a
@@ -1417,7 +1491,9 @@ impl<'a> Orchestrator<'a> {
                 }
                 intent.step = "prepare images".into();
                 self.snaps.step(id, &intent)?;
-                let has_memory = target.meta.has_memory();
+                // QEMU's snapshot-load applies the tags itself; with a memory
+                // file (or none) the images must hold the snapshot before start.
+                let loads_internal = matches!(target.meta.memory, MemorySnapshot::Internal { .. });
                 for (_, action) in &actions {
                     match action {
                         DiskAction::Keep => {}
@@ -1427,8 +1503,8 @@ impl<'a> Orchestrator<'a> {
                         }
                         DiskAction::Clone { from, to, tag } => {
                             offline::clone_image(from, to)?;
-                            if !has_memory {
-                                // With memory, QEMU drops the copies itself
+                            if !loads_internal {
+                                // With snapshot-load, QEMU drops the copies itself
                                 // after starting, so their space becomes holes.
                                 offline::delete_tags_except(to, tag)?;
                                 offline::apply_tag(to, tag)?;
@@ -1436,7 +1512,7 @@ impl<'a> Orchestrator<'a> {
                             }
                         }
                         DiskAction::Apply { image, tag } => {
-                            if !has_memory {
+                            if !loads_internal {
                                 offline::apply_tag(image, tag)?;
                             }
                         }
@@ -2170,6 +2246,8 @@ enum CreatePlan {
     },
     External {
         disks: Vec<(String, PathBuf)>,
+        /// Disks snapshotted inside their qcow2 image beside the external ones.
+        internal: Vec<String>,
         memory_file: Option<PathBuf>,
     },
 }
