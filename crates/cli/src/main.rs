@@ -16,7 +16,7 @@ mod snapshot;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Options every subcommand sees.
 #[derive(Debug, Clone, clap::Args)]
@@ -54,11 +54,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Parsed in two steps (what `Cli::parse` does) so the snapshot commands
+    // can see where each argument stood: virsh fills its positional options
+    // in command-line order, around the ones given by name.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)
+        .unwrap_or_else(|err| err.format(&mut Cli::command()).exit());
     let result = match cli.command {
         Command::Img(args) => img::run(args, &cli.globals),
         Command::Domain(command) => domain::run(command, &cli.globals),
-        Command::Snapshot(command) => snapshot::run(command, &cli.globals),
+        Command::Snapshot(command) => snapshot::run(command, &matches, &cli.globals),
         Command::Check(args) => check::run(args, &cli.globals),
     };
     match result {

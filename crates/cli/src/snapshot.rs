@@ -3,12 +3,11 @@
 //! `vmsnap_core::snapshot`. Rendering only: every decision is the core's.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
+use clap::{ArgMatches, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use vmsnap_core::snapshot::orchestrate::store::is_store_full;
@@ -18,23 +17,39 @@ use vmsnap_core::snapshot::orchestrate::{
 use vmsnap_core::snapshot::render::{self, TimeZone};
 use vmsnap_core::snapshot::tree::{DeleteScope, ListOutputOptions, ListQuery, SnapshotTree};
 use vmsnap_core::snapshot::xml::{snapshot_to_xml, DomainDiskSource};
-use vmsnap_core::snapshot::{parse_snapshot_document, DiskSnapshotMode, SnapshotMeta};
+use vmsnap_core::snapshot::{
+    parse_snapshot_document, DiskSnapshotMode, SnapshotMeta, SnapshotMetaError,
+};
 use vmsnap_core::Host;
 
 use crate::Globals;
 
 /// The snapshot commands (top-level, as in virsh).
+///
+/// Every option virsh lets a script give by position (`DOMAIN`, the
+/// snapshot name, `snapshot-create`'s file...) is both a positional
+/// argument and a named one (`--domain`, `--snapshotname`, `--xmlfile`...),
+/// as in virsh. clap only records what it saw where; [`place`] then gives
+/// each positional value to the first option not given yet, in command-line
+/// order, which is virsh's rule (`virsh snapshot-info --domain d s1` names
+/// snapshot `s1`), and refuses an option given twice with virsh's words.
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
     /// Create a snapshot from arguments.
     #[command(name = "snapshot-create-as")]
     CreateAs {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
         /// Snapshot name (default: the current time in seconds).
         name: Option<String>,
         /// Description.
         description: Option<String>,
+        /// Disk specs after the description, as virsh takes them (see --diskspec).
+        #[arg(value_name = "DISKSPEC")]
+        diskspec_args: Vec<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
         /// Snapshot name (alternative to the positional argument).
         #[arg(long = "name", value_name = "NAME")]
         name_flag: Option<String>,
@@ -60,13 +75,21 @@ pub enum SnapshotCommand {
         #[arg(long)]
         live: bool,
     },
-    /// Create a snapshot from libvirt domainsnapshot XML or an xl snapshot config.
+    /// Create a snapshot from libvirt domainsnapshot XML or an xl snapshot
+    /// config; without a file, like snapshot-create-as DOM.
     #[command(name = "snapshot-create")]
     Create {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
         /// The document (XML or xl config, told apart by content).
-        file: PathBuf,
+        #[arg(value_name = "XMLFILE")]
+        file: Option<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
+        /// The document (alternative to the positional argument).
+        #[arg(long = "xmlfile", value_name = "FILE")]
+        xmlfile: Option<String>,
         /// Record metadata for a snapshot whose data exists already.
         #[arg(long)]
         redefine: bool,
@@ -78,7 +101,13 @@ pub enum SnapshotCommand {
     #[command(name = "snapshot-list")]
     List {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
+        /// Only children (or --descendants) of this snapshot (as --from).
+        #[arg(value_name = "FROM")]
+        from_arg: Option<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
         /// Draw the snapshot tree.
         #[arg(long)]
         tree: bool,
@@ -129,9 +158,15 @@ pub enum SnapshotCommand {
     #[command(name = "snapshot-info")]
     Info {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
         /// Snapshot name.
         snapshot: Option<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
+        /// Snapshot name (alternative to the positional argument).
+        #[arg(long = "snapshotname", value_name = "NAME")]
+        snapshotname: Option<String>,
         /// The current snapshot.
         #[arg(long)]
         current: bool,
@@ -140,17 +175,32 @@ pub enum SnapshotCommand {
     #[command(name = "snapshot-dumpxml")]
     Dumpxml {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
         /// Snapshot name.
-        snapshot: String,
+        snapshot: Option<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
+        /// Snapshot name (alternative to the positional argument).
+        #[arg(long = "snapshotname", value_name = "NAME")]
+        snapshotname: Option<String>,
+        /// Accepted for virsh compatibility: the XML holds no secrets to hide.
+        #[arg(long)]
+        security_info: bool,
     },
     /// Print a snapshot's parent.
     #[command(name = "snapshot-parent")]
     Parent {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
         /// Snapshot name.
         snapshot: Option<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
+        /// Snapshot name (alternative to the positional argument).
+        #[arg(long = "snapshotname", value_name = "NAME")]
+        snapshotname: Option<String>,
         /// The current snapshot.
         #[arg(long)]
         current: bool,
@@ -159,20 +209,35 @@ pub enum SnapshotCommand {
     #[command(name = "snapshot-current")]
     Current {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
         /// Make this snapshot current.
         snapshot: Option<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
+        /// Make this snapshot current (alternative to the positional argument).
+        #[arg(long = "snapshotname", value_name = "NAME")]
+        snapshotname: Option<String>,
         /// Print only the name.
         #[arg(long)]
         name: bool,
+        /// Accepted for virsh compatibility: the XML holds no secrets to hide.
+        #[arg(long)]
+        security_info: bool,
     },
     /// Revert the domain to a snapshot.
     #[command(name = "snapshot-revert")]
     Revert {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
         /// Snapshot name.
         snapshot: Option<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
+        /// Snapshot name (alternative to the positional argument).
+        #[arg(long = "snapshotname", value_name = "NAME")]
+        snapshotname: Option<String>,
         /// The current snapshot.
         #[arg(long)]
         current: bool,
@@ -190,9 +255,15 @@ pub enum SnapshotCommand {
     #[command(name = "snapshot-delete")]
     Delete {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
         /// Snapshot name.
         snapshot: Option<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
+        /// Snapshot name (alternative to the positional argument).
+        #[arg(long = "snapshotname", value_name = "NAME")]
+        snapshotname: Option<String>,
         /// The current snapshot.
         #[arg(long)]
         current: bool,
@@ -210,21 +281,164 @@ pub enum SnapshotCommand {
     #[command(name = "snapshot-recover")]
     Recover {
         /// Domain name.
-        domain: String,
+        domain: Option<String>,
+        /// Domain name (alternative to the positional argument).
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domain_opt: Option<String>,
     },
 }
 
-/// Runs one snapshot command.
-pub fn run(command: SnapshotCommand, globals: &Globals) -> Result<ExitCode> {
+/// Runs one snapshot command; `matches` is the whole command line as clap
+/// parsed it, which tells where each argument stood (see [`place`]).
+pub fn run(command: SnapshotCommand, matches: &ArgMatches, globals: &Globals) -> Result<ExitCode> {
+    let (name, matches) = matches
+        .subcommand()
+        .context("no snapshot command on the command line")?;
+    let argv = Argv { name, matches };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let host = Host::open(globals.state_dir.as_deref())?;
     let orchestrator = Orchestrator::new(&host)?.wait_for_lock(globals.wait);
-    let output = runtime.block_on(execute(command, &host, &orchestrator, globals.json))?;
+    let output = runtime.block_on(execute(command, &argv, &host, &orchestrator, globals.json))?;
     print!("{output}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// One snapshot command's arguments as clap parsed them: its name (for
+/// virsh's messages) and where each value stood.
+struct Argv<'a> {
+    name: &'a str,
+    matches: &'a ArgMatches,
+}
+
+/// One virsh option that takes a value, as clap parsed it: what clap put
+/// in the positional argument at the option's place and what came with its
+/// `--name`, each under clap's id (to look up where the values stood).
+struct Slot {
+    /// virsh's name for the option (`domain`, `snapshotname`, `xmlfile`).
+    option: &'static str,
+    /// The command needs it (virsh's `VSH_OFLAG_REQ`).
+    required: bool,
+    /// It takes every remaining positional value and may be named again
+    /// (virsh's `VSH_OT_ARGV`, `--diskspec`).
+    argv: bool,
+    positional: (&'static str, Vec<String>),
+    named: (&'static str, Vec<String>),
+}
+
+impl Slot {
+    fn new(
+        option: &'static str,
+        positional: (&'static str, impl IntoIterator<Item = String>),
+        named: (&'static str, impl IntoIterator<Item = String>),
+    ) -> Slot {
+        Slot {
+            option,
+            required: false,
+            argv: false,
+            positional: (positional.0, positional.1.into_iter().collect()),
+            named: (named.0, named.1.into_iter().collect()),
+        }
+    }
+
+    /// `DOMAIN` / `--domain`, which every snapshot command needs.
+    fn domain(positional: Option<String>, named: Option<String>) -> Slot {
+        Slot::new("domain", ("domain", positional), ("domain_opt", named)).required()
+    }
+
+    /// `SNAPSHOT` / `--snapshotname`.
+    fn snapshotname(positional: Option<String>, named: Option<String>) -> Slot {
+        Slot::new(
+            "snapshotname",
+            ("snapshot", positional),
+            ("snapshotname", named),
+        )
+    }
+
+    fn required(self) -> Slot {
+        Slot {
+            required: true,
+            ..self
+        }
+    }
+
+    fn argv(self) -> Slot {
+        Slot { argv: true, ..self }
+    }
+}
+
+/// Gives each value to its option as virsh's parser does
+/// (`vshCommandParse`): going through the command line in order, a named
+/// value goes to its option, a positional one to the first option (in the
+/// command's order) not given yet. An option given twice, a value with no
+/// option left, or a required option missing is refused with virsh's words.
+fn place<const N: usize>(argv: &Argv<'_>, slots: [Slot; N]) -> Result<[Vec<String>; N]> {
+    enum Token {
+        Data(String),
+        Named(usize, String),
+    }
+    let at = |id: &str| -> Vec<usize> {
+        argv.matches
+            .indices_of(id)
+            .map(Iterator::collect)
+            .unwrap_or_default()
+    };
+    let mut tokens: Vec<(usize, Token)> = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let (id, values) = &slot.positional;
+        let indices = at(id);
+        for (k, value) in values.iter().enumerate() {
+            let index = indices.get(k).copied().unwrap_or(usize::MAX);
+            tokens.push((index, Token::Data(value.clone())));
+        }
+        let (id, values) = &slot.named;
+        let indices = at(id);
+        for (k, value) in values.iter().enumerate() {
+            let index = indices.get(k).copied().unwrap_or(usize::MAX);
+            tokens.push((index, Token::Named(i, value.clone())));
+        }
+    }
+    tokens.sort_by_key(|(index, _)| *index);
+    let mut values: [Vec<String>; N] = std::array::from_fn(|_| Vec::new());
+    let mut seen = [false; N];
+    let mut open = [true; N];
+    for (_, token) in tokens {
+        let (i, value) = match token {
+            Token::Named(i, value) => {
+                if seen[i] && !slots[i].argv {
+                    bail!("option --{} already seen", slots[i].option);
+                }
+                (i, value)
+            }
+            Token::Data(value) => match open.iter().position(|&o| o) {
+                Some(i) => (i, value),
+                None => bail!("unexpected data '{value}'"),
+            },
+        };
+        seen[i] = true;
+        open[i] = slots[i].argv;
+        values[i].push(value);
+    }
+    if let Some(slot) = slots.iter().zip(seen).find(|(s, seen)| s.required && !seen) {
+        bail!(
+            "command '{}' requires <{}> option",
+            argv.name,
+            slot.0.option
+        );
+    }
+    Ok(values)
+}
+
+/// The one value of an option that is not virsh's `ARGV` kind.
+fn single(values: Vec<String>) -> Option<String> {
+    values.into_iter().next()
+}
+
+/// The value of a required option ([`place`] refused its absence).
+fn needed(values: Vec<String>) -> String {
+    single(values).unwrap_or_default()
 }
 
 /// A progress bar on stderr, drawn only on a terminal.
@@ -279,6 +493,8 @@ impl Bars {
     }
 }
 
+/// The snapshot a `SNAPSHOT | --current` command works on
+/// (`virshLookupSnapshot`), with virsh's and libvirt's messages.
 fn resolve_name(
     orchestrator: &Orchestrator<'_>,
     domain: &str,
@@ -287,15 +503,13 @@ fn resolve_name(
 ) -> Result<String> {
     match (snapshot, current) {
         (Some(name), false) => Ok(name),
-        (None, true) => {
-            orchestrator.tree(domain)?;
-            orchestrator
-                .snapshots()
-                .current(domain)?
-                .with_context(|| format!("domain {domain} has no current snapshot"))
-        }
-        (Some(_), true) => bail!("--current and a snapshot name are mutually exclusive"),
-        (None, false) => bail!("a snapshot name (or --current) is required"),
+        (Some(_), true) => bail!("--snapshotname and --current are mutually exclusive"),
+        (None, false) => bail!("--snapshotname or --current is required"),
+        (None, true) => Ok(orchestrator
+            .tree(domain)?
+            .resolve(None, true, "snapshotname")?
+            .name
+            .clone()),
     }
 }
 
@@ -319,6 +533,7 @@ fn meta_json(meta: &SnapshotMeta, tree: &SnapshotTree) -> serde_json::Value {
 
 async fn execute(
     command: SnapshotCommand,
+    argv: &Argv<'_>,
     host: &Host,
     orchestrator: &Orchestrator<'_>,
     json_output: bool,
@@ -330,6 +545,8 @@ async fn execute(
             domain,
             name,
             description,
+            diskspec_args,
+            domain_opt,
             name_flag,
             description_flag,
             disk_only,
@@ -339,9 +556,28 @@ async fn execute(
             atomic: _,
             live: _,
         } => {
+            let [domain, name, description, diskspec] = place(
+                argv,
+                [
+                    Slot::domain(domain, domain_opt),
+                    Slot::new("name", ("name", name), ("name_flag", name_flag)),
+                    Slot::new(
+                        "description",
+                        ("description", description),
+                        ("description_flag", description_flag),
+                    ),
+                    Slot::new(
+                        "diskspec",
+                        ("diskspec_args", diskspec_args),
+                        ("diskspec", diskspec),
+                    )
+                    .argv(),
+                ],
+            )?;
+            let domain = needed(domain);
             let request = CreateRequest {
-                name: name_flag.or(name),
-                description: description_flag.or(description),
+                name: single(name),
+                description: single(description),
                 disk_only,
                 memspec: memspec.as_deref().map(MemSpec::parse).transpose()?,
                 diskspecs: diskspec
@@ -370,11 +606,40 @@ async fn execute(
         SnapshotCommand::Create {
             domain,
             file,
+            domain_opt,
+            xmlfile,
             redefine,
             current,
         } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
+            let [domain, file] = place(
+                argv,
+                [
+                    Slot::domain(domain, domain_opt),
+                    Slot::new("xmlfile", ("file", file), ("xmlfile", xmlfile)),
+                ],
+            )?;
+            let (domain, file) = (needed(domain), single(file));
+            if current && !redefine {
+                bail!("--current needs --redefine");
+            }
+            let Some(file) = file else {
+                if redefine {
+                    bail!("--redefine needs the snapshot's XML: give --xmlfile FILE");
+                }
+                // virsh sends `<domainsnapshot/>`: a snapshot with every
+                // default, as snapshot-create-as DOM takes.
+                let outcome = orchestrator
+                    .create(&domain, &CreateRequest::default(), &progress)
+                    .await;
+                bars.finish();
+                let outcome = outcome?;
+                for note in &outcome.notes {
+                    eprintln!("note: {note}");
+                }
+                return Ok(render::msg_created(&outcome.name));
+            };
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?;
             let (_, definition) = parse_snapshot_document(&text)?;
             if redefine {
                 let vm = host.domain(&domain)?;
@@ -393,10 +658,7 @@ async fn execute(
                     definition.into_redefined_meta(&domain, &vm.config().to_toml(), &disks)?;
                 let name = meta.name.clone();
                 orchestrator.redefine(&domain, meta, current)?;
-                return Ok(render::msg_created(&name));
-            }
-            if current {
-                bail!("--current needs --redefine");
+                return Ok(render::msg_created_from(&name, &file));
             }
             let memspec = definition.memory.as_ref().map(|m| MemSpec {
                 mode: m.mode,
@@ -426,10 +688,12 @@ async fn execute(
             for note in &outcome.notes {
                 eprintln!("note: {note}");
             }
-            Ok(render::msg_created(&outcome.name))
+            Ok(render::msg_created_from(&outcome.name, &file))
         }
         SnapshotCommand::List {
             domain,
+            from_arg,
+            domain_opt,
             tree,
             parent,
             roots,
@@ -446,6 +710,14 @@ async fn execute(
             active,
             inactive,
         } => {
+            let [domain, from] = place(
+                argv,
+                [
+                    Slot::domain(domain, domain_opt),
+                    Slot::new("from", ("from_arg", from_arg), ("from", from)),
+                ],
+            )?;
+            let (domain, from) = (needed(domain), single(from));
             // A killed vmsnap may have left an operation half done: finish
             // or roll it back first, unless another command holds the domain.
             if !orchestrator.snapshots().open_intents(&domain)?.is_empty() {
@@ -460,15 +732,13 @@ async fn execute(
             }
             let snapshots = orchestrator.tree(&domain)?;
             let from = match (from, current) {
-                (Some(_), true) => bail!("--from and --current are mutually exclusive"),
-                (Some(from), false) => Some(from),
-                (None, true) => Some(
-                    snapshots
-                        .current()
-                        .map(|m| m.name.clone())
-                        .with_context(|| format!("domain {domain} has no current snapshot"))?,
-                ),
                 (None, false) => None,
+                (from, current) => Some(
+                    snapshots
+                        .resolve(from.as_deref(), current, "from")?
+                        .name
+                        .clone(),
+                ),
             };
             let query = ListQuery {
                 from: from.clone(),
@@ -513,9 +783,19 @@ async fn execute(
         SnapshotCommand::Info {
             domain,
             snapshot,
+            domain_opt,
+            snapshotname,
             current,
         } => {
-            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
+            let [domain, snapshot] = place(
+                argv,
+                [
+                    Slot::domain(domain, domain_opt),
+                    Slot::snapshotname(snapshot, snapshotname),
+                ],
+            )?;
+            let domain = needed(domain);
+            let name = resolve_name(orchestrator, &domain, single(snapshot), current)?;
             let tree = orchestrator.tree(&domain)?;
             let meta = orchestrator.get(&domain, &name)?.meta;
             if json_output {
@@ -523,51 +803,95 @@ async fn execute(
             }
             Ok(render::render_info(&tree, &meta))
         }
-        SnapshotCommand::Dumpxml { domain, snapshot } => {
-            let meta = orchestrator.get(&domain, &snapshot)?.meta;
-            Ok(snapshot_to_xml(&meta))
+        SnapshotCommand::Dumpxml {
+            domain,
+            snapshot,
+            domain_opt,
+            snapshotname,
+            security_info: _,
+        } => {
+            let [domain, snapshot] = place(
+                argv,
+                [
+                    Slot::domain(domain, domain_opt),
+                    Slot::snapshotname(snapshot, snapshotname).required(),
+                ],
+            )?;
+            let meta = orchestrator.get(&needed(domain), &needed(snapshot))?.meta;
+            Ok(render::render_xml(&snapshot_to_xml(&meta)))
         }
         SnapshotCommand::Parent {
             domain,
             snapshot,
+            domain_opt,
+            snapshotname,
             current,
         } => {
-            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
+            let [domain, snapshot] = place(
+                argv,
+                [
+                    Slot::domain(domain, domain_opt),
+                    Slot::snapshotname(snapshot, snapshotname),
+                ],
+            )?;
+            let domain = needed(domain);
+            let name = resolve_name(orchestrator, &domain, single(snapshot), current)?;
             let meta = orchestrator.get(&domain, &name)?.meta;
             match meta.parent {
                 Some(parent) => Ok(render::render_name(&parent)),
-                None => bail!("snapshot '{name}' does not have a parent"),
+                None => Err(SnapshotMetaError::NoParent { name }.into()),
             }
         }
         SnapshotCommand::Current {
             domain,
             snapshot,
+            domain_opt,
+            snapshotname,
             name,
+            security_info: _,
         } => {
+            let [domain, snapshot] = place(
+                argv,
+                [
+                    Slot::domain(domain, domain_opt),
+                    Slot::snapshotname(snapshot, snapshotname),
+                ],
+            )?;
+            let (domain, snapshot) = (needed(domain), single(snapshot));
             if let Some(snapshot) = snapshot {
+                if name {
+                    bail!("Options --name and --snapshotname are mutually exclusive");
+                }
                 orchestrator.set_current(&domain, &snapshot)?;
                 return Ok(render::msg_set_current(&snapshot));
             }
-            orchestrator.tree(&domain)?;
-            let current = orchestrator
-                .snapshots()
-                .current(&domain)?
-                .with_context(|| format!("domain {domain} has no current snapshot"))?;
+            let tree = orchestrator.tree(&domain)?;
+            let current = tree.current_name(&domain)?;
             if name {
-                return Ok(render::render_name(&current));
+                return Ok(render::render_name(current));
             }
-            let meta = orchestrator.get(&domain, &current)?.meta;
-            Ok(snapshot_to_xml(&meta))
+            let meta = orchestrator.get(&domain, current)?.meta;
+            Ok(render::render_xml(&snapshot_to_xml(&meta)))
         }
         SnapshotCommand::Revert {
             domain,
             snapshot,
+            domain_opt,
+            snapshotname,
             current,
             running,
             paused,
             force: _,
         } => {
-            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
+            let [domain, snapshot] = place(
+                argv,
+                [
+                    Slot::domain(domain, domain_opt),
+                    Slot::snapshotname(snapshot, snapshotname),
+                ],
+            )?;
+            let domain = needed(domain);
+            let name = resolve_name(orchestrator, &domain, single(snapshot), current)?;
             let mode = match (running, paused) {
                 (true, true) => bail!("--running and --paused are mutually exclusive"),
                 (true, false) => RevertMode::Running,
@@ -588,12 +912,22 @@ async fn execute(
         SnapshotCommand::Delete {
             domain,
             snapshot,
+            domain_opt,
+            snapshotname,
             current,
             children,
             children_only,
             metadata,
         } => {
-            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
+            let [domain, snapshot] = place(
+                argv,
+                [
+                    Slot::domain(domain, domain_opt),
+                    Slot::snapshotname(snapshot, snapshotname),
+                ],
+            )?;
+            let domain = needed(domain);
+            let name = resolve_name(orchestrator, &domain, single(snapshot), current)?;
             let scope = match (children, children_only) {
                 (true, true) => bail!("--children and --children-only are mutually exclusive"),
                 (true, false) => DeleteScope::WithChildren,
@@ -617,7 +951,9 @@ async fn execute(
                 render::msg_deleted(&name)
             })
         }
-        SnapshotCommand::Recover { domain } => {
+        SnapshotCommand::Recover { domain, domain_opt } => {
+            let [domain] = place(argv, [Slot::domain(domain, domain_opt)])?;
+            let domain = needed(domain);
             let notes = orchestrator.recover(&domain).await?;
             if json_output {
                 return Ok(serde_json::to_string_pretty(&notes)? + "\n");

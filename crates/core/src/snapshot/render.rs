@@ -310,6 +310,14 @@ pub fn render_name(name: &str) -> String {
     format!("{name}{COMMAND_EPILOGUE}")
 }
 
+/// `snapshot-dumpxml` and `snapshot-current` without `--name`: virsh
+/// prints the document as it is (`vshPrint("%s", xml)`, libvirt's XML ends
+/// in a newline), then the command's blank line, which scripts that
+/// compare or split the output count on.
+pub fn render_xml(xml: &str) -> String {
+    format!("{xml}{COMMAND_EPILOGUE}")
+}
+
 /// How virsh prints an error on stderr: `error: ` and the message.
 pub fn render_error(message: &str) -> String {
     format!("error: {message}\n")
@@ -506,6 +514,10 @@ mod tests {
         assert_eq!(msg_set_current("s1"), "Snapshot s1 set as current\n");
         assert_eq!(msg_reverted("s3"), "Domain snapshot s3 reverted\n\n");
         assert_eq!(render_name("s8"), "s8\n");
+        assert_eq!(
+            render_xml("<domainsnapshot>\n</domainsnapshot>\n"),
+            "<domainsnapshot>\n</domainsnapshot>\n\n"
+        );
         assert_eq!(
             render_error("domain 'test' has no current snapshot"),
             "error: domain 'test' has no current snapshot\n"
