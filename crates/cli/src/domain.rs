@@ -398,6 +398,14 @@ fn domblklist(domain: &Domain, json: bool) -> String {
 }
 
 async fn domblkstat(domain: &Domain, disk: Option<&str>, json: bool) -> Result<String> {
+    // As in virsh, a disk is named by its target or by its image's path.
+    let disk = disk.map(|name| {
+        domain
+            .disks()
+            .iter()
+            .find(|c| c.active().is_some_and(|l| l.path.as_os_str() == name))
+            .map_or(name, |c| c.target.as_str())
+    });
     if let Some(target) = disk {
         if !domain.disks().iter().any(|c| c.target == target) {
             let known: Vec<&str> = domain.disks().iter().map(|c| c.target.as_str()).collect();

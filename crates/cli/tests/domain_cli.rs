@@ -183,6 +183,16 @@ fn domain_commands_round_trip() {
         "{before}{after}"
     );
     assert!(stat(&after, "wr_req") > stat(&before, "wr_req"));
+    // As in virsh, the image's path names the disk too.
+    let by_path = cli.ok(&[
+        "domblkstat",
+        "clidom",
+        cli.path("vda.qcow2").to_str().unwrap(),
+    ]);
+    assert!(
+        stat(&by_path, "wr_bytes") >= stat(&after, "wr_bytes"),
+        "{by_path}"
+    );
     let summed = cli.ok(&["domblkstat", "clidom"]);
     assert!(
         summed.starts_with(" rd_req "),

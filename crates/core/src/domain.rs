@@ -789,7 +789,14 @@ impl Domain {
                     .is_some_and(|q| q == chain.target || q.starts_with(&device_path))
                     || (e.node_name.is_some() && e.node_name.as_deref() == top)
             });
-            let s = entry.map(|e| e.stats.clone()).unwrap_or_default();
+            // Zeros would pass for an idle disk: a device QEMU does not list is an error.
+            let s = entry.map(|e| e.stats.clone()).ok_or_else(|| {
+                self.qemu_error(format!(
+                    "lists no block statistics for disk {} (query-blockstats); check `vmsnap qmp {} query-block`",
+                    chain.target,
+                    self.name()
+                ))
+            })?;
             stats.push(DiskStats {
                 target: chain.target.clone(),
                 rd_req: s.rd_operations,

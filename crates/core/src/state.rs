@@ -77,7 +77,20 @@ impl StateDir {
         let root = std::path::absolute(&root)
             .map_err(|e| Error::io("resolve state directory", &root, e))?;
         create_private_dir(&root)?;
-        create_private_dir(&root.join("domains"))?;
+        // The state directory itself may be the user's to share (an
+        // existing folder named with --state-dir); everything vmsnap keeps
+        // lives below `domains/`, which is vmsnap's alone and made private
+        // even if someone created it first.
+        let domains = root.join("domains");
+        create_private_dir(&domains)?;
+        let mode = fs::metadata(&domains)
+            .map_err(|e| Error::io("inspect", &domains, e))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            fs::set_permissions(&domains, fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io("set mode 0700 on", &domains, e))?;
+        }
         Ok(StateDir { root })
     }
 
@@ -209,6 +222,20 @@ mod tests {
         );
         assert_eq!(paths.qmp_socket, root.join("domains/demo/qmp.sock"));
         assert_eq!(state.database_path(), root.join("vmsnap.db"));
+    }
+
+    #[test]
+    fn a_shared_domains_folder_made_by_someone_else_becomes_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("state");
+        fs::create_dir_all(root.join("domains")).unwrap();
+        for dir in [&root, &root.join("domains")] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        StateDir::open(Some(&root)).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root.join("domains")), 0o700);
+        assert_eq!(mode(&root), 0o755, "the folder the user named is theirs");
     }
 
     #[test]
