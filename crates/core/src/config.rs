@@ -26,9 +26,9 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
-    /// KVM where a guest can run on it, else TCG. Guest kernels hang under KVM
-    /// on the machines vmsnap is developed on, so `auto` only picks KVM when
-    /// asked explicitly (`accel = "kvm"`) and otherwise resolves to TCG.
+    /// KVM where a guest can run on it, else TCG: probed (see
+    /// [`crate::kvm::guest_can_run`]), since some hosts have a `/dev/kvm` on
+    /// which Linux guests hang.
     Auto,
     /// Hardware virtualisation through /dev/kvm.
     Kvm,
@@ -40,6 +40,7 @@ impl Accel {
     /// The accelerator QEMU is actually started with.
     pub fn resolved(self) -> Accel {
         match self {
+            Accel::Auto if crate::kvm::guest_can_run() => Accel::Kvm,
             Accel::Auto => Accel::Tcg,
             other => other,
         }
@@ -751,7 +752,12 @@ format = "raw"
             ))
             .unwrap();
         assert!(config.firmware.is_some());
-        assert_eq!(config.accel.resolved(), Accel::Tcg);
+        let probed = if crate::kvm::guest_can_run() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        };
+        assert_eq!(config.accel.resolved(), probed);
     }
 
     #[test]

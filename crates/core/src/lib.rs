@@ -38,6 +38,7 @@ pub mod disk;
 pub mod domain;
 pub mod error;
 pub mod failpoint;
+pub mod kvm;
 pub mod lock;
 pub mod snapshot;
 pub mod state;
