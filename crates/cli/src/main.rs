@@ -57,7 +57,16 @@ fn main() -> ExitCode {
     // Parsed in two steps (what `Cli::parse` does) so the snapshot commands
     // can see where each argument stood: virsh fills its positional options
     // in command-line order, around the ones given by name.
-    let matches = Cli::command().get_matches();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(err) => {
+            if let Some(data) = unexpected_data(&err) {
+                eprintln!("error: unexpected data '{}'", terminal_safe(&data));
+                return ExitCode::FAILURE;
+            }
+            err.exit()
+        }
+    };
     let cli = Cli::from_arg_matches(&matches)
         .unwrap_or_else(|err| err.format(&mut Cli::command()).exit());
     let result = match cli.command {
@@ -73,6 +82,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A value with no positional argument left for it (`snapshot-info a b c`)
+/// on a virsh-style command: virsh refuses it on one line, `unexpected data
+/// 'c'`, where clap would print its usage. Options clap does not know and
+/// the `img` and `check` commands keep clap's message.
+fn unexpected_data(err: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if err.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(data)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    if data.starts_with('-') || !virsh_style_command(std::env::args_os().skip(1)) {
+        return None;
+    }
+    Some(data.clone())
+}
+
+/// Whether the command on the command line `args` (without the program)
+/// is one of virsh's, found past the global options that may precede it.
+fn virsh_style_command(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("--state-dir") => {
+                args.next();
+            }
+            Some("--json" | "--wait") => {}
+            Some(a) if a.starts_with("--state-dir=") => {}
+            Some(command) => return !matches!(command, "img" | "check" | "help"),
+            None => return false,
+        }
+    }
+    false
 }
 
 /// Renders an error and its causes on one line, as every user-facing refusal must be.
@@ -105,6 +150,36 @@ fn terminal_safe(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_values_on_virsh_commands_are_unexpected_data() {
+        let parse = |args: &[&str]| {
+            Cli::command()
+                .try_get_matches_from(std::iter::once("vmsnap").chain(args.iter().copied()))
+                .unwrap_err()
+        };
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let err = parse(&["snapshot-info", "a", "b", "c"]);
+        assert_eq!(
+            err.get(clap::error::ContextKind::InvalidArg),
+            Some(&clap::error::ContextValue::String("c".into()))
+        );
+        assert!(virsh_style_command(args(&[
+            "--state-dir",
+            "img",
+            "snapshot-info",
+            "a"
+        ])));
+        assert!(virsh_style_command(args(&["--json", "dominfo"])));
+        assert!(!virsh_style_command(args(&[
+            "--state-dir=/s",
+            "img",
+            "info",
+            "a",
+            "b"
+        ])));
+        assert!(!virsh_style_command(args(&["check", "a", "b"])));
+    }
 
     #[test]
     fn errors_print_on_one_terminal_safe_line() {

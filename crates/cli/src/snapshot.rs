@@ -16,7 +16,7 @@ use vmsnap_core::snapshot::orchestrate::{
 };
 use vmsnap_core::snapshot::render::{self, TimeZone};
 use vmsnap_core::snapshot::tree::{DeleteScope, ListOutputOptions, ListQuery, SnapshotTree};
-use vmsnap_core::snapshot::xml::{snapshot_to_xml, DomainDiskSource};
+use vmsnap_core::snapshot::xml::{create_as_request_xml, snapshot_to_xml, DomainDiskSource};
 use vmsnap_core::snapshot::{
     parse_snapshot_document, DiskSnapshotMode, SnapshotMeta, SnapshotMetaError,
 };
@@ -74,6 +74,25 @@ pub enum SnapshotCommand {
         /// Accepted for virsh compatibility: running guests are always snapshotted live.
         #[arg(long)]
         live: bool,
+        /// Print the domainsnapshot XML virsh would pass, and create nothing.
+        #[arg(long)]
+        print_xml: bool,
+        /// Stop the domain's QEMU once the snapshot is taken (as destroy does).
+        #[arg(long)]
+        halt: bool,
+        /// Take the overlays named by --diskspec file= as they exist (empty qcow2
+        /// images backed by each disk's active image) instead of creating them.
+        #[arg(long)]
+        reuse_external: bool,
+        /// Refused: vmsnap has no guest agent to freeze file systems with.
+        #[arg(long)]
+        quiesce: bool,
+        /// Refused: vmsnap records every snapshot it takes.
+        #[arg(long)]
+        no_metadata: bool,
+        /// Accepted for virsh compatibility: the request is always validated.
+        #[arg(long)]
+        validate: bool,
     },
     /// Create a snapshot from libvirt domainsnapshot XML or an xl snapshot
     /// config; without a file, like snapshot-create-as DOM.
@@ -96,6 +115,31 @@ pub enum SnapshotCommand {
         /// With --redefine: make it the current snapshot.
         #[arg(long)]
         current: bool,
+        /// Disks only, no memory.
+        #[arg(long)]
+        disk_only: bool,
+        /// Stop the domain's QEMU once the snapshot is taken (as destroy does).
+        #[arg(long)]
+        halt: bool,
+        /// Take the overlays the document names as they exist (empty qcow2
+        /// images backed by each disk's active image) instead of creating them.
+        #[arg(long)]
+        reuse_external: bool,
+        /// Refused: vmsnap has no guest agent to freeze file systems with.
+        #[arg(long)]
+        quiesce: bool,
+        /// Refused: vmsnap records every snapshot it takes.
+        #[arg(long)]
+        no_metadata: bool,
+        /// Accepted for virsh compatibility: snapshots are always atomic.
+        #[arg(long)]
+        atomic: bool,
+        /// Accepted for virsh compatibility: running guests are always snapshotted live.
+        #[arg(long)]
+        live: bool,
+        /// Accepted for virsh compatibility: the document is always validated.
+        #[arg(long)]
+        validate: bool,
     },
     /// List snapshots.
     #[command(name = "snapshot-list")]
@@ -153,6 +197,12 @@ pub enum SnapshotCommand {
         /// Only snapshots of a stopped domain.
         #[arg(long)]
         inactive: bool,
+        /// Only snapshots with metadata: every vmsnap snapshot has it.
+        #[arg(long)]
+        metadata: bool,
+        /// Only snapshots without metadata: vmsnap has none (alone, lists nothing).
+        #[arg(long)]
+        no_metadata: bool,
     },
     /// Show a snapshot's details.
     #[command(name = "snapshot-info")]
@@ -441,6 +491,24 @@ fn needed(values: Vec<String>) -> String {
     single(values).unwrap_or_default()
 }
 
+/// The virsh creation options vmsnap cannot honour, refused before anything
+/// is looked at, each with what to do instead.
+fn refuse_unsupported(quiesce: bool, no_metadata: bool) -> Result<()> {
+    if quiesce {
+        bail!(
+            "--quiesce is not supported: vmsnap has no guest agent to freeze the guest's file systems; \
+             freeze them inside the guest (fsfreeze -f MOUNTPOINT), snapshot without --quiesce, then thaw them (fsfreeze -u)"
+        );
+    }
+    if no_metadata {
+        bail!(
+            "--no-metadata is not supported: vmsnap records every snapshot it takes; \
+             create it without --no-metadata, then forget it and keep its data with `vmsnap snapshot-delete DOMAIN NAME --metadata`"
+        );
+    }
+    Ok(())
+}
+
 /// A progress bar on stderr, drawn only on a terminal.
 struct Bars {
     bar: Mutex<Option<(String, ProgressBar)>>,
@@ -555,6 +623,12 @@ async fn execute(
             external,
             atomic: _,
             live: _,
+            print_xml,
+            halt,
+            reuse_external,
+            quiesce,
+            no_metadata,
+            validate: _,
         } => {
             let [domain, name, description, diskspec] = place(
                 argv,
@@ -575,6 +649,18 @@ async fn execute(
                 ],
             )?;
             let domain = needed(domain);
+            if print_xml {
+                // virsh looks the domain up, then prints what it would send.
+                host.domain(&domain)?;
+                let xml = create_as_request_xml(
+                    name.first().map(String::as_str),
+                    description.first().map(String::as_str),
+                    memspec.as_deref(),
+                    &diskspec,
+                )?;
+                return Ok(render::render_request_xml(&xml));
+            }
+            refuse_unsupported(quiesce, no_metadata)?;
             let request = CreateRequest {
                 name: single(name),
                 description: single(description),
@@ -585,6 +671,8 @@ async fn execute(
                     .map(|s| DiskSpec::parse(s))
                     .collect::<Result<_, _>>()?,
                 external,
+                halt,
+                reuse_external,
             };
             let outcome = orchestrator.create(&domain, &request, &progress).await;
             bars.finish();
@@ -610,6 +698,14 @@ async fn execute(
             xmlfile,
             redefine,
             current,
+            disk_only,
+            halt,
+            reuse_external,
+            quiesce,
+            no_metadata,
+            atomic: _,
+            live: _,
+            validate: _,
         } => {
             let [domain, file] = place(
                 argv,
@@ -619,8 +715,13 @@ async fn execute(
                 ],
             )?;
             let (domain, file) = (needed(domain), single(file));
+            refuse_unsupported(quiesce, no_metadata)?;
             if current && !redefine {
                 bail!("--current needs --redefine");
+            }
+            if redefine && halt {
+                // libvirt's rule: a redefinition only records metadata.
+                bail!("Options --redefine and --halt are mutually exclusive");
             }
             let Some(file) = file else {
                 if redefine {
@@ -628,9 +729,13 @@ async fn execute(
                 }
                 // virsh sends `<domainsnapshot/>`: a snapshot with every
                 // default, as snapshot-create-as DOM takes.
-                let outcome = orchestrator
-                    .create(&domain, &CreateRequest::default(), &progress)
-                    .await;
+                let request = CreateRequest {
+                    disk_only,
+                    halt,
+                    reuse_external,
+                    ..CreateRequest::default()
+                };
+                let outcome = orchestrator.create(&domain, &request, &progress).await;
                 bars.finish();
                 let outcome = outcome?;
                 for note in &outcome.notes {
@@ -664,12 +769,21 @@ async fn execute(
                 mode: m.mode,
                 file: m.file.clone(),
             });
+            if let Some(memory) = memspec.as_ref().filter(|m| m.mode != DiskSnapshotMode::No) {
+                if disk_only {
+                    bail!(
+                        "--disk-only takes no memory, but {file} asks for <memory snapshot='{}'>: drop one of them",
+                        memory.mode.as_str()
+                    );
+                }
+            }
             let request = CreateRequest {
                 name: definition.name.clone(),
                 description: definition.description.clone(),
-                disk_only: memspec
-                    .as_ref()
-                    .is_some_and(|m| m.mode == DiskSnapshotMode::No),
+                disk_only: disk_only
+                    || memspec
+                        .as_ref()
+                        .is_some_and(|m| m.mode == DiskSnapshotMode::No),
                 memspec: memspec.filter(|m| m.mode != DiskSnapshotMode::No),
                 diskspecs: definition
                     .disks
@@ -681,6 +795,8 @@ async fn execute(
                     })
                     .collect(),
                 external: false,
+                halt,
+                reuse_external,
             };
             let outcome = orchestrator.create(&domain, &request, &progress).await;
             bars.finish();
@@ -709,6 +825,8 @@ async fn execute(
             disk_only,
             active,
             inactive,
+            metadata,
+            no_metadata,
         } => {
             let [domain, from] = place(
                 argv,
@@ -759,8 +877,16 @@ async fn execute(
                 parent,
                 current,
             })?;
+            // virsh filters on libvirt's metadata, which every vmsnap
+            // snapshot has: --no-metadata alone matches none, and with
+            // --metadata too it is no filter at all, as libvirt takes it.
+            let none_match = no_metadata && !metadata;
             if tree {
-                let entries = snapshots.tree_entries(from.as_deref())?;
+                let mut entries = snapshots.tree_entries(from.as_deref())?;
+                if none_match {
+                    // virsh still draws the --from snapshot it starts at.
+                    entries.retain(|e| Some(&e.name) == from.as_ref());
+                }
                 if json_output {
                     let list: Vec<_> = entries
                         .iter()
@@ -770,7 +896,10 @@ async fn execute(
                 }
                 return Ok(render::render_tree(&entries));
             }
-            let picked = snapshots.list(&query)?;
+            let mut picked = snapshots.list(&query)?;
+            if none_match {
+                picked.clear();
+            }
             if json_output {
                 let list: Vec<_> = picked.iter().map(|m| meta_json(m, &snapshots)).collect();
                 return Ok(serde_json::to_string_pretty(&list)? + "\n");

@@ -2,13 +2,19 @@
 //! with `vmsnap` in virsh's place: the named forms of the positional
 //! arguments (`--domain`, `--snapshotname`, `--name`, `--xmlfile`, ...)
 //! placed as virsh places them, `snapshot-create` with or without a file,
-//! virsh's error texts and the blank line after the XML. All on a stopped
-//! domain (offline internal snapshots): none of it depends on a running VM.
+//! virsh's error texts and the blank line after the XML; virsh's creation
+//! options (`--print-xml`, `--halt`, `--reuse-external`, `--validate`, and
+//! clear refusals of `--quiesce` and `--no-metadata`) and `snapshot-list
+//! --metadata`/`--no-metadata`. On a stopped domain (offline snapshots)
+//! wherever the behaviour does not need a running VM; `--halt` has one
+//! test with the test guest.
 
 use std::fs;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use vmsnap_testguest::lab::{self, DiskDef, VmsnapCli};
+use vmsnap_testguest::Guest;
 
 const DOMAIN: &str = "off";
 
@@ -484,4 +490,586 @@ fn virsh_error_texts_and_xml_layout() {
         &["snapshot-current", "--domain", DOMAIN],
         "error: domain 'off' has no current snapshot",
     );
+}
+
+/// Every file under the state directory and the test directory.
+fn files(cli: &VmsnapCli) -> Vec<PathBuf> {
+    lab::files_under(cli.dir())
+}
+
+#[test]
+fn print_xml_prints_virshs_request_and_creates_nothing() {
+    let cli = stopped_domain();
+    let before = files(&cli);
+    let overlay = cli.path("vda.p1.qcow2");
+    let diskspec = format!(
+        "vda,snapshot=external,driver=qcow2,file={}",
+        overlay.display()
+    );
+
+    // virsh's document, then the newline virsh adds to it and the command's.
+    let printed = cli.ok(&[
+        "snapshot-create-as",
+        DOMAIN,
+        "p1",
+        "first <one>",
+        "--memspec",
+        "snapshot=no",
+        "--diskspec",
+        &diskspec,
+        "--print-xml",
+    ]);
+    let document = format!(
+        "<domainsnapshot>\n  <name>p1</name>\n  <description>first &lt;one&gt;</description>\n  \
+         <memory snapshot='no'/>\n  <disks>\n    <disk name='vda' snapshot='external'>\n      \
+         <driver type='qcow2'/>\n      <source file='{}'/>\n    </disk>\n  </disks>\n</domainsnapshot>\n",
+        overlay.display()
+    );
+    assert_eq!(printed, format!("{document}\n\n"));
+    // The named forms, positional diskspecs and virsh's bare document.
+    assert_eq!(
+        cli.ok(&[
+            "snapshot-create-as",
+            "--print-xml",
+            "--domain",
+            DOMAIN,
+            "--name",
+            "p1",
+            "--description",
+            "first <one>",
+            "--memspec",
+            "snapshot=no",
+            &diskspec,
+        ]),
+        printed
+    );
+    assert_eq!(
+        cli.ok(&["snapshot-create-as", DOMAIN, "--print-xml"]),
+        "<domainsnapshot>\n</domainsnapshot>\n\n\n"
+    );
+    // Like today's virsh, it prints whatever creation flags come with it.
+    assert_eq!(
+        cli.ok(&[
+            "snapshot-create-as",
+            DOMAIN,
+            "--print-xml",
+            "--no-metadata",
+            "--quiesce",
+            "--halt"
+        ]),
+        "<domainsnapshot>\n</domainsnapshot>\n\n\n"
+    );
+    assert_eq!(files(&cli), before, "--print-xml made files");
+    assert_eq!(names(&cli), "\n");
+
+    // virsh's refusals: an unknown domain, specs virsh cannot parse.
+    refused_mentioning(
+        &cli,
+        &["snapshot-create-as", "nosuch", "--print-xml"],
+        "nosuch",
+    );
+    refused_with(
+        &cli,
+        &[
+            "snapshot-create-as",
+            DOMAIN,
+            "--memspec",
+            "m.mem",
+            "--print-xml",
+        ],
+        "error: unable to parse memspec: m.mem",
+    );
+    refused_with(
+        &cli,
+        &[
+            "snapshot-create-as",
+            DOMAIN,
+            "--diskspec",
+            "vda,bogus=1",
+            "--print-xml",
+        ],
+        "error: unable to parse diskspec: vda,bogus=1",
+    );
+
+    // What it printed is what snapshot-create takes: the same snapshot.
+    let file = write(&cli, "p1.xml", &document);
+    let file = file.to_str().unwrap();
+    assert_eq!(
+        cli.ok(&["snapshot-create", DOMAIN, file, "--validate"]),
+        format!("Domain snapshot p1 created from '{file}'\n")
+    );
+    let xml = cli.ok(&["snapshot-dumpxml", DOMAIN, "p1"]);
+    assert!(
+        xml.contains("<description>first &lt;one&gt;</description>"),
+        "{xml}"
+    );
+    assert!(
+        xml.contains(&format!("<source file='{}'/>", overlay.display())),
+        "{xml}"
+    );
+    let blk = cli.ok(&["domblklist", DOMAIN]);
+    assert!(blk.contains(overlay.to_str().unwrap()), "{blk}");
+    assert_eq!(
+        cli.ok(&[
+            "snapshot-create-as",
+            DOMAIN,
+            "p2",
+            "--validate",
+            "--atomic",
+            "--live"
+        ]),
+        "Domain snapshot p2 created\n"
+    );
+    assert_eq!(names(&cli), "p1\np2\n\n");
+    lab::assert_qemu_img_check_clean(&overlay, "after creating from printed XML");
+}
+
+#[test]
+fn halt_leaves_a_stopped_domain_as_it_is() {
+    let cli = stopped_domain();
+    assert_eq!(
+        cli.ok(&["snapshot-create-as", DOMAIN, "h1", "--halt"]),
+        "Domain snapshot h1 created\n"
+    );
+    let file = write(
+        &cli,
+        "h2.xml",
+        "<domainsnapshot><name>h2</name></domainsnapshot>\n",
+    );
+    let file = file.to_str().unwrap();
+    assert_eq!(
+        cli.ok(&["snapshot-create", DOMAIN, file, "--halt"]),
+        format!("Domain snapshot h2 created from '{file}'\n")
+    );
+    let out = cli.ok(&["snapshot-create", DOMAIN, "--halt", "--disk-only"]);
+    assert!(out.ends_with(" created\n"), "{out}");
+    assert!(cli.ok(&["list", "--all"]).contains("shut off"));
+    // A redefinition only records metadata: there is nothing to halt after.
+    let saved = write(
+        &cli,
+        "h1.saved.xml",
+        &cli.ok(&["snapshot-dumpxml", DOMAIN, "h1"]),
+    );
+    refused_with(
+        &cli,
+        &[
+            "snapshot-create",
+            DOMAIN,
+            saved.to_str().unwrap(),
+            "--redefine",
+            "--halt",
+        ],
+        "error: Options --redefine and --halt are mutually exclusive",
+    );
+    assert_eq!(
+        cli.ok(&["snapshot-revert", DOMAIN, "h1"]),
+        "Domain snapshot h1 reverted\n\n"
+    );
+    assert_eq!(
+        cli.ok(&["snapshot-list", DOMAIN, "--name"]).lines().count(),
+        4
+    );
+}
+
+#[test]
+fn halt_stops_a_running_guest_and_its_snapshot_reverts() {
+    let dir = tempfile::Builder::new()
+        .prefix("vmsnap-virsh-halt")
+        .tempdir()
+        .unwrap();
+    let cli = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+    cli.guard("g");
+    lab::create_qcow2(&cli.path("vda.qcow2"), "32M");
+    let config = cli.write_guest_config("g", 160, &[DiskDef::qcow2("vda", "vda.qcow2")]);
+    cli.ok(&["define", config.to_str().unwrap()]);
+    // An overlay for --reuse-external, made before QEMU holds the image.
+    let overlay = cli.path("vda.r0.qcow2");
+    lab::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "vda.qcow2",
+        "-F",
+        "qcow2",
+        overlay.to_str().unwrap(),
+        "32M",
+    ]);
+    cli.ok(&["start", "g"]);
+    let ctl = cli.control_socket();
+    let mut guest = Guest::connect(&ctl, Duration::from_secs(60)).unwrap();
+    // The running guest switches to the reused overlay too.
+    let diskspec = format!("vda,file={}", overlay.display());
+    assert_eq!(
+        cli.ok(&[
+            "snapshot-create-as",
+            "g",
+            "r0",
+            "--disk-only",
+            "--reuse-external",
+            "--diskspec",
+            &diskspec
+        ]),
+        "Domain snapshot r0 created\n"
+    );
+    assert!(cli
+        .ok(&["domblklist", "g"])
+        .contains(overlay.to_str().unwrap()));
+    guest.set_ram_value("before halt").unwrap();
+    drop(guest);
+
+    // The snapshot is taken with the guest running, then its QEMU ends.
+    assert_eq!(
+        cli.ok(&["snapshot-create-as", "g", "h1", "--halt"]),
+        "Domain snapshot h1 created\n"
+    );
+    let list = cli.ok(&["list", "--all"]);
+    assert!(
+        list.contains("shut off") && !list.contains("running"),
+        "{list}"
+    );
+    assert!(cli
+        .ok(&["snapshot-info", "g", "h1"])
+        .contains("State:          running\n"));
+
+    // It reverts to the running guest it captured.
+    assert_eq!(
+        cli.ok(&["snapshot-revert", "g", "h1"]),
+        "Domain snapshot h1 reverted\n\n"
+    );
+    assert!(cli.ok(&["list"]).contains("running"));
+    let mut guest = Guest::connect(&ctl, Duration::from_secs(60)).unwrap();
+    assert_eq!(guest.ram_value().unwrap(), "before halt");
+
+    // snapshot-create --halt, from a document.
+    guest.set_ram_value("second").unwrap();
+    drop(guest);
+    let file = cli.path("h2.xml");
+    fs::write(&file, "<domainsnapshot><name>h2</name></domainsnapshot>\n").unwrap();
+    cli.ok(&["snapshot-create", "g", file.to_str().unwrap(), "--halt"]);
+    assert!(!cli.ok(&["list", "--all"]).contains("running"));
+    cli.ok(&["snapshot-revert", "g", "h2"]);
+    let mut guest = Guest::connect(&ctl, Duration::from_secs(60)).unwrap();
+    assert_eq!(guest.ram_value().unwrap(), "second");
+    drop(guest);
+    cli.ok(&["destroy", "g"]);
+    lab::assert_qemu_img_check_clean(&overlay, "after --halt");
+    lab::assert_qemu_img_check_clean(&cli.path("vda.qcow2"), "after --halt");
+}
+
+#[test]
+fn quiesce_and_no_metadata_are_refused_with_what_to_do_instead() {
+    let cli = stopped_domain();
+    let file = write(
+        &cli,
+        "q.xml",
+        "<domainsnapshot><name>q</name></domainsnapshot>\n",
+    );
+    let file = file.to_str().unwrap();
+    let before = files(&cli);
+    for args in [
+        vec!["snapshot-create-as", DOMAIN, "q", "--quiesce"],
+        vec![
+            "snapshot-create-as",
+            DOMAIN,
+            "q",
+            "--disk-only",
+            "--quiesce",
+        ],
+        vec!["snapshot-create", DOMAIN, file, "--quiesce"],
+        vec!["snapshot-create", DOMAIN, "--quiesce", "--disk-only"],
+    ] {
+        refused_mentioning(&cli, &args, "--quiesce is not supported");
+        refused_mentioning(&cli, &args, "fsfreeze");
+    }
+    for args in [
+        vec!["snapshot-create-as", DOMAIN, "q", "--no-metadata"],
+        vec!["snapshot-create", DOMAIN, file, "--no-metadata"],
+        vec!["snapshot-create", DOMAIN, "--no-metadata"],
+    ] {
+        refused_mentioning(&cli, &args, "--no-metadata is not supported");
+        refused_mentioning(&cli, &args, "snapshot-delete DOMAIN NAME --metadata");
+    }
+    assert_eq!(names(&cli), "\n");
+    assert_eq!(files(&cli), before, "a refusal left files behind");
+    assert!(
+        lab::qemu_img(&["snapshot", "-l", cli.path("vda.qcow2").to_str().unwrap()])
+            .trim()
+            .is_empty()
+    );
+}
+
+#[test]
+fn reuse_external_takes_an_empty_overlay_of_the_active_image() {
+    let cli = stopped_domain();
+    cli.ok(&["snapshot-create-as", DOMAIN, "base"]);
+    // Made by the caller with a relative backing name, as libvirt allows.
+    let overlay = cli.path("vda.r1.qcow2");
+    lab::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "vda.qcow2",
+        "-F",
+        "qcow2",
+        overlay.to_str().unwrap(),
+        "16M",
+    ]);
+    let made = fs::read(&overlay).unwrap();
+    let spec = |file: &std::path::Path| format!("vda,snapshot=external,file={}", file.display());
+
+    // Without --reuse-external an existing file is never touched.
+    refused_mentioning(
+        &cli,
+        &[
+            "snapshot-create-as",
+            DOMAIN,
+            "r1",
+            "--disk-only",
+            "--diskspec",
+            &spec(&overlay),
+        ],
+        "already exists",
+    );
+    // Files that are not an empty overlay of the active image are refused.
+    let missing = cli.path("missing.qcow2");
+    let stray = cli.path("stray.qcow2");
+    lab::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        stray.to_str().unwrap(),
+        "16M",
+    ]);
+    let small = cli.path("small.qcow2");
+    lab::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "vda.qcow2",
+        "-F",
+        "qcow2",
+        small.to_str().unwrap(),
+        "8M",
+    ]);
+    let full = cli.path("full.qcow2");
+    lab::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "vda.qcow2",
+        "-F",
+        "qcow2",
+        full.to_str().unwrap(),
+    ]);
+    lab::qemu_io(&full, "write -P 0x5a 0 64k");
+    let raw = cli.path("raw.img");
+    fs::write(&raw, vec![0u8; 16 << 20]).unwrap();
+    let before = files(&cli);
+    for (file, needle) in [
+        (&missing, "does not exist"),
+        (&stray, "no backing file"),
+        (&small, "bytes, the disk is"),
+        (&full, "holds data"),
+        (&raw, "not a usable qcow2 image"),
+    ] {
+        let line = cli.refused(&[
+            "snapshot-create-as",
+            DOMAIN,
+            "r1",
+            "--disk-only",
+            "--reuse-external",
+            "--diskspec",
+            &spec(file),
+        ]);
+        assert!(
+            line.contains("--reuse-external") && line.contains(needle),
+            "{line}"
+        );
+    }
+    assert_eq!(files(&cli), before, "a refusal changed files");
+    assert_eq!(names(&cli), "base\n\n");
+
+    // The empty overlay is taken as it is: its header still names the
+    // relative backing file vmsnap would have written as an absolute one.
+    assert_eq!(
+        cli.ok(&[
+            "snapshot-create-as",
+            DOMAIN,
+            "r1",
+            "--disk-only",
+            "--reuse-external",
+            "--diskspec",
+            &spec(&overlay),
+        ]),
+        "Domain snapshot r1 created\n"
+    );
+    assert_eq!(fs::read(&overlay).unwrap(), made);
+    let blk = cli.ok(&["domblklist", DOMAIN]);
+    assert!(blk.contains(overlay.to_str().unwrap()), "{blk}");
+    assert!(cli
+        .ok(&["snapshot-dumpxml", DOMAIN, "r1"])
+        .contains("snapshot='external'"));
+    // It is the active layer now: reusing it again is refused.
+    refused_mentioning(
+        &cli,
+        &[
+            "snapshot-create-as",
+            DOMAIN,
+            "r2",
+            "--disk-only",
+            "--reuse-external",
+            "--diskspec",
+            &spec(&overlay),
+        ],
+        "already uses it",
+    );
+
+    // snapshot-create takes --reuse-external for the overlays its document names.
+    let second = cli.path("vda.r2.qcow2");
+    lab::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        overlay.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        second.to_str().unwrap(),
+        "16M",
+    ]);
+    let xml = write(
+        &cli,
+        "r2.xml",
+        &format!(
+            "<domainsnapshot><name>r2</name><memory snapshot='no'/><disks>\
+             <disk name='vda' snapshot='external'><source file='{}'/></disk>\
+             </disks></domainsnapshot>\n",
+            second.display()
+        ),
+    );
+    cli.ok(&[
+        "snapshot-create",
+        DOMAIN,
+        xml.to_str().unwrap(),
+        "--reuse-external",
+    ]);
+    assert_eq!(names(&cli), "base\nr1\nr2\n\n");
+    assert!(cli.ok(&["check", DOMAIN]).starts_with("No problems found"));
+
+    // Both still revert.
+    cli.ok(&["snapshot-revert", DOMAIN, "r1"]);
+    cli.ok(&["snapshot-revert", DOMAIN, "base"]);
+    cli.ok(&["snapshot-delete", DOMAIN, "base", "--children"]);
+    lab::assert_qemu_img_check_clean(&cli.path("vda.qcow2"), "after --reuse-external");
+}
+
+#[test]
+fn snapshot_list_metadata_filters() {
+    let cli = stopped_domain();
+    cli.ok(&["snapshot-create-as", DOMAIN, "s1"]);
+    cli.ok(&["snapshot-create-as", DOMAIN, "s2"]);
+    let all = cli.ok(&["snapshot-list", DOMAIN]);
+    let tree = cli.ok(&["snapshot-list", DOMAIN, "--tree"]);
+
+    // Every vmsnap snapshot has metadata.
+    assert_eq!(cli.ok(&["snapshot-list", DOMAIN, "--metadata"]), all);
+    assert_eq!(
+        cli.ok(&["snapshot-list", DOMAIN, "--metadata", "--tree"]),
+        tree
+    );
+    assert_eq!(
+        cli.ok(&["snapshot-list", DOMAIN, "--metadata", "--name"]),
+        "s1\ns2\n\n"
+    );
+    // None lacks it: the empty listing in each form.
+    let empty_table = " Name   Creation Time   State\n-------------------------------\n\n";
+    assert_eq!(
+        cli.ok(&["snapshot-list", DOMAIN, "--no-metadata"]),
+        empty_table
+    );
+    assert_eq!(
+        cli.ok(&["snapshot-list", DOMAIN, "--no-metadata", "--name"]),
+        "\n"
+    );
+    assert_eq!(
+        cli.ok(&["snapshot-list", DOMAIN, "--no-metadata", "--tree"]),
+        "\n"
+    );
+    assert_eq!(
+        cli.ok(&[
+            "snapshot-list",
+            DOMAIN,
+            "--no-metadata",
+            "--from",
+            "s1",
+            "--descendants"
+        ]),
+        empty_table
+    );
+    // With --tree virsh still draws the snapshot it starts from.
+    assert_eq!(
+        cli.ok(&[
+            "snapshot-list",
+            DOMAIN,
+            "--no-metadata",
+            "--tree",
+            "--from",
+            "s1"
+        ]),
+        cli.ok(&["snapshot-list", DOMAIN, "--tree", "--from", "s2"])
+            .replace("s2", "s1")
+    );
+    // Both together are no filter, as libvirt takes them; neither is exclusive.
+    assert_eq!(
+        cli.ok(&["snapshot-list", DOMAIN, "--metadata", "--no-metadata"]),
+        all
+    );
+    assert_eq!(
+        cli.ok(&[
+            "snapshot-list",
+            DOMAIN,
+            "--no-metadata",
+            "--metadata",
+            "--leaves",
+            "--name"
+        ]),
+        "s2\n\n"
+    );
+}
+
+#[test]
+fn too_many_values_are_unexpected_data() {
+    let cli = stopped_domain();
+    cli.ok(&["snapshot-create-as", DOMAIN, "s1"]);
+    let xml = write(
+        &cli,
+        "x.xml",
+        "<domainsnapshot><name>x</name></domainsnapshot>\n",
+    );
+    let xml = xml.to_str().unwrap();
+    for args in [
+        vec!["snapshot-info", DOMAIN, "s1", "c"],
+        vec!["snapshot-dumpxml", DOMAIN, "s1", "c"],
+        vec!["snapshot-parent", DOMAIN, "s1", "c"],
+        vec!["snapshot-current", DOMAIN, "s1", "c"],
+        vec!["snapshot-revert", DOMAIN, "s1", "c"],
+        vec!["snapshot-delete", DOMAIN, "s1", "c", "d"],
+        vec!["snapshot-list", DOMAIN, "s1", "c"],
+        vec!["snapshot-create", DOMAIN, xml, "c"],
+        vec!["snapshot-recover", DOMAIN, "c"],
+        vec!["--wait", "snapshot-info", "--current", DOMAIN, "s1", "c"],
+    ] {
+        refused_with(&cli, &args, "error: unexpected data 'c'");
+    }
+    assert_eq!(names(&cli), "s1\n\n");
 }

@@ -318,6 +318,12 @@ pub fn render_xml(xml: &str) -> String {
     format!("{xml}{COMMAND_EPILOGUE}")
 }
 
+/// `snapshot-create-as --print-xml`: virsh prints the document it built
+/// with one more newline (`vshPrint("%s\n")`), then the command's.
+pub fn render_request_xml(xml: &str) -> String {
+    format!("{xml}\n{COMMAND_EPILOGUE}")
+}
+
 /// How virsh prints an error on stderr: `error: ` and the message.
 pub fn render_error(message: &str) -> String {
     format!("error: {message}\n")

@@ -213,6 +213,152 @@ pub fn snapshot_to_xml(meta: &SnapshotMeta) -> String {
     x
 }
 
+/// Splits a `--memspec`/`--diskspec` value as virsh's `vshStringToArray`
+/// does: on single commas, `,,` standing for a literal comma.
+fn virsh_items(text: &str) -> Vec<String> {
+    let mut items = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                items.last_mut().expect("never empty").push(',');
+            }
+            ',' => items.push(String::new()),
+            c => items.last_mut().expect("never empty").push(c),
+        }
+    }
+    items
+}
+
+/// Text for an XML element or quoted attribute, as libvirt's
+/// `virBufferEscapeString` writes it: markup characters escaped and control
+/// characters other than tab and line breaks dropped.
+fn virsh_escape(text: &str) -> String {
+    let kept: String = text
+        .chars()
+        .filter(|&c| u32::from(c) >= 0x20 || matches!(c, '\t' | '\n' | '\r'))
+        .collect();
+    escape(&kept)
+}
+
+/// Fills an empty `slot` with the value of an item starting with `key`
+/// (virsh keeps the first); false when the item is not one for it.
+fn take_item<'a>(item: &'a str, key: &str, slot: &mut Option<&'a str>) -> bool {
+    match item.strip_prefix(key) {
+        Some(value) if slot.is_none() => {
+            *slot = Some(value);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// `snapshot-create-as --print-xml`: the domainsnapshot document virsh
+/// builds from `--name`, `--description`, `--memspec` and each
+/// `--diskspec` and would hand to libvirt, laid out as virsh lays it out
+/// (two-space indent, elements only for what was given), so a script that
+/// saves it for `snapshot-create` gets what virsh gives. Values are taken
+/// as virsh takes them, unchecked (creating from the document checks
+/// them); unlike virsh, `snapshot=`, `driver=` and `stype=` values are
+/// escaped too, so the document is always well-formed. Ends in a newline;
+/// virsh prints one more after it.
+pub fn create_as_request_xml(
+    name: Option<&str>,
+    description: Option<&str>,
+    memspec: Option<&str>,
+    diskspecs: &[String],
+) -> Result<String, SnapshotMetaError> {
+    let mut x = String::from("<domainsnapshot>\n");
+    if let Some(name) = name {
+        x.push_str(&format!("  <name>{}</name>\n", virsh_escape(name)));
+    }
+    if let Some(description) = description {
+        x.push_str(&format!(
+            "  <description>{}</description>\n",
+            virsh_escape(description)
+        ));
+    }
+    if let Some(spec) = memspec {
+        let bad = || SnapshotMetaError::BadOptions(format!("unable to parse memspec: {spec}"));
+        let items = virsh_items(spec);
+        let (mut snapshot, mut file) = (None, None);
+        for item in &items {
+            let taken = take_item(item, "snapshot=", &mut snapshot)
+                || take_item(item, "file=", &mut file)
+                || (file.is_none() && item.starts_with('/') && {
+                    file = Some(item.as_str());
+                    true
+                });
+            if !taken {
+                return Err(bad());
+            }
+        }
+        x.push_str("  <memory");
+        if let Some(snapshot) = snapshot {
+            x.push_str(&format!(" snapshot='{}'", virsh_escape(snapshot)));
+        }
+        if let Some(file) = file {
+            x.push_str(&format!(" file='{}'", virsh_escape(file)));
+        }
+        x.push_str("/>\n");
+    }
+    if !diskspecs.is_empty() {
+        x.push_str("  <disks>\n");
+        for spec in diskspecs {
+            let bad = || SnapshotMetaError::BadOptions(format!("unable to parse diskspec: {spec}"));
+            let items = virsh_items(spec);
+            let (mut snapshot, mut driver, mut stype, mut file) = (None, None, None, None);
+            for item in &items[1..] {
+                let taken = take_item(item, "snapshot=", &mut snapshot)
+                    || take_item(item, "driver=", &mut driver)
+                    || take_item(item, "stype=", &mut stype)
+                    || take_item(item, "file=", &mut file);
+                if !taken {
+                    return Err(bad());
+                }
+            }
+            x.push_str(&format!("    <disk name='{}'", virsh_escape(&items[0])));
+            if let Some(snapshot) = snapshot {
+                x.push_str(&format!(" snapshot='{}'", virsh_escape(snapshot)));
+            }
+            let source = match stype {
+                None | Some("file") => "file",
+                Some("block") => "dev",
+                Some(other) => {
+                    return Err(SnapshotMetaError::BadOptions(format!(
+                        "Unknown storage type: '{other}'"
+                    )))
+                }
+            };
+            if let Some(stype) = stype {
+                x.push_str(&format!(" type='{stype}'"));
+            }
+            if driver.is_none() && file.is_none() {
+                x.push_str("/>\n");
+                continue;
+            }
+            x.push_str(">\n");
+            if let Some(driver) = driver {
+                x.push_str(&format!(
+                    "      <driver type='{}'/>\n",
+                    virsh_escape(driver)
+                ));
+            }
+            if let Some(file) = file {
+                x.push_str(&format!(
+                    "      <source {source}='{}'/>\n",
+                    virsh_escape(file)
+                ));
+            }
+            x.push_str("    </disk>\n");
+        }
+        x.push_str("  </disks>\n");
+    }
+    x.push_str("</domainsnapshot>\n");
+    Ok(x)
+}
+
 /// The line (1-based) of a byte offset, for error messages.
 fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
@@ -1056,6 +1202,70 @@ mod tests {
              <disks><disk name='vda' snapshot='external'/></disks></domainsnapshot>",
             "needs <source file=>",
         );
+    }
+
+    #[test]
+    fn print_xml_is_virshs_request() {
+        let xml = create_as_request_xml(
+            Some("s1"),
+            Some("a <b> & 'c'"),
+            Some("file=/m/s1,,x.mem,snapshot=external"),
+            &[
+                "vda,snapshot=external,driver=qcow2,file=/o/vda.s1".into(),
+                "vdb,snapshot=no".into(),
+                "vdc,stype=block,file=/dev/sdz".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            xml,
+            "<domainsnapshot>
+  <name>s1</name>
+  <description>a &lt;b&gt; &amp; &apos;c&apos;</description>
+  <memory snapshot='external' file='/m/s1,x.mem'/>
+  <disks>
+    <disk name='vda' snapshot='external'>
+      <driver type='qcow2'/>
+      <source file='/o/vda.s1'/>
+    </disk>
+    <disk name='vdb' snapshot='no'/>
+    <disk name='vdc' type='block'>
+      <source dev='/dev/sdz'/>
+    </disk>
+  </disks>
+</domainsnapshot>
+"
+        );
+        // Nothing given: virsh's bare document, which parses as the default request.
+        let bare = create_as_request_xml(None, None, None, &[]).unwrap();
+        assert_eq!(bare, "<domainsnapshot>\n</domainsnapshot>\n");
+        assert_eq!(
+            parse_snapshot_xml(&bare).unwrap(),
+            SnapshotDefinition::default()
+        );
+        // A bare memspec item must be an absolute path; control characters go.
+        assert_eq!(
+            create_as_request_xml(Some("a\u{1}b"), None, Some("/m"), &[]).unwrap(),
+            "<domainsnapshot>\n  <name>ab</name>\n  <memory file='/m'/>\n</domainsnapshot>\n"
+        );
+        for (memspec, disk, message) in [
+            (Some("m.mem"), None, "unable to parse memspec: m.mem"),
+            (
+                Some("file=/a,file=/b"),
+                None,
+                "unable to parse memspec: file=/a,file=/b",
+            ),
+            (
+                None,
+                Some("vda,bogus=1"),
+                "unable to parse diskspec: vda,bogus=1",
+            ),
+            (None, Some("vda,stype=net"), "Unknown storage type: 'net'"),
+        ] {
+            let disks: Vec<String> = disk.into_iter().map(String::from).collect();
+            let err = create_as_request_xml(None, None, memspec, &disks).unwrap_err();
+            assert_eq!(err.to_string(), message);
+        }
     }
 
     /// Exports of every kind must validate against libvirt's own schema

@@ -68,6 +68,15 @@ pub struct CreateRequest {
     pub diskspecs: Vec<DiskSpec>,
     /// `--external`: external snapshot with files named by vmsnap.
     pub external: bool,
+    /// `--halt`: end the domain's QEMU once the snapshot is recorded (as
+    /// `destroy` does), so a script can snapshot and stop in one step; a
+    /// stopped domain stays as it is.
+    pub halt: bool,
+    /// `--reuse-external`: overlays named by a diskspec's `file=` already
+    /// exist (made by the caller, e.g. with a relative backing name) and are
+    /// taken as they are instead of refused, once checked to be empty qcow2
+    /// overlays of the disk's active image.
+    pub reuse_external: bool,
 }
 
 /// What a created snapshot turned out to be.
@@ -295,6 +304,7 @@ impl<'a> Orchestrator<'a> {
                 disks,
                 internal,
                 memory_file,
+                reused,
             } => {
                 self.create_external(
                     &dom,
@@ -304,6 +314,7 @@ impl<'a> Orchestrator<'a> {
                     &disks,
                     &internal,
                     memory_file,
+                    &reused,
                     running_state,
                     progress,
                 )
@@ -311,7 +322,16 @@ impl<'a> Orchestrator<'a> {
             }
         };
         if let Some(qmp) = qmp {
-            qmp.close().await;
+            if request.halt {
+                // The snapshot is recorded: a failure here leaves it intact.
+                self.stop_qemu(&dom, qmp).await.map_err(|err| {
+                    SnapshotError::Conflict(format!(
+                        "snapshot {name} of domain {domain} was created, but halting the domain failed: {err}"
+                    ))
+                })?;
+            } else {
+                qmp.close().await;
+            }
         }
         self.collect_garbage(&dom)?;
         Ok(outcome)
@@ -407,6 +427,7 @@ impl<'a> Orchestrator<'a> {
         let mut disks = Vec::new();
         let mut internal = Vec::new();
         let mut taken = BTreeSet::new();
+        let mut reused = BTreeSet::new();
         for chain in chains {
             match mode_of(&chain.target) {
                 DiskSnapshotMode::No => continue,
@@ -431,6 +452,11 @@ impl<'a> Orchestrator<'a> {
                 .find(|d| d.target == chain.target)
                 .and_then(|d| d.file.clone());
             let file = match explicit {
+                Some(file) if request.reuse_external && !taken.contains(&file) => {
+                    self.check_reuse_candidate(dom, &chain.target, &file)?;
+                    reused.insert(file.clone());
+                    file
+                }
                 Some(file) => {
                     if path_taken(&file) || taken.contains(&file) {
                         return Err(SnapshotError::FileExists {
@@ -475,7 +501,43 @@ impl<'a> Orchestrator<'a> {
             disks,
             internal,
             memory_file,
+            reused,
         })
+    }
+
+    /// `--reuse-external`, before anything is touched: the file must
+    /// exist as a regular file (never through a symlink) that no recorded
+    /// chain or snapshot of the domain uses; its contents are checked once
+    /// the active image's size is known ([`check_reusable_overlay`]).
+    fn check_reuse_candidate(&self, dom: &Domain, target: &str, file: &Path) -> Result<()> {
+        let refuse = |why: &str| {
+            Err(SnapshotError::Invalid(format!(
+                "cannot reuse {} as the overlay of disk {target} (--reuse-external): {why}",
+                file.display()
+            )))
+        };
+        match std::fs::symlink_metadata(file) {
+            Ok(meta) if meta.file_type().is_file() => {}
+            Ok(_) => return refuse("it is not a regular file"),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return refuse(
+                    "it does not exist; create it first (vmsnap img create -f qcow2 -b IMAGE -F FORMAT FILE) \
+                     or drop --reuse-external to let vmsnap create it",
+                )
+            }
+            Err(err) => return Err(io_error("cannot inspect", file)(err)),
+        }
+        let current = chains_of(&self.snaps.chains(&dom.name)?);
+        let snapshots = self.snaps.snapshots(&dom.name)?;
+        if needed_files(&current, &snapshots).contains(file)
+            || self.snaps.owned_files(&dom.name)?.iter().any(|f| f == file)
+        {
+            return refuse(&format!(
+                "domain {} already uses it for a disk or a snapshot",
+                dom.name
+            ));
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -651,11 +713,18 @@ impl<'a> Orchestrator<'a> {
         disks: &[(String, PathBuf)],
         internal: &[String],
         memory_file: Option<PathBuf>,
+        reused: &BTreeSet<PathBuf>,
         running: Option<bool>,
         progress: ProgressFn<'_>,
     ) -> Result<CreateOutcome> {
         let name = meta.name.clone();
-        let mut files: Vec<PathBuf> = disks.iter().map(|(_, f)| f.clone()).collect();
+        // A reused overlay is the caller's until the snapshot holds it: a
+        // failed or interrupted attempt must never remove it.
+        let mut files: Vec<PathBuf> = disks
+            .iter()
+            .map(|(_, f)| f.clone())
+            .filter(|f| !reused.contains(f))
+            .collect();
         files.extend(memory_file.clone());
         let mut intent = Intent::new(Operation::Create, &name);
         self.snaps.own(&dom.name, &files)?;
@@ -670,6 +739,7 @@ impl<'a> Orchestrator<'a> {
                 disks,
                 internal,
                 memory_file.as_deref(),
+                reused,
                 running,
                 progress,
                 id,
@@ -678,7 +748,7 @@ impl<'a> Orchestrator<'a> {
             )
             .await;
         let err = match result {
-            Ok((storage, new_chains, outcome)) => {
+            Ok((storage, new_chains, mut outcome)) => {
                 let change = Change {
                     put: vec![(meta.clone(), storage)],
                     current: Some(Some(name)),
@@ -689,7 +759,18 @@ impl<'a> Orchestrator<'a> {
                     .snaps
                     .commit(&dom.name, id, Operation::Create, &change, None)
                 {
-                    Ok(()) => return Ok(outcome),
+                    Ok(()) => {
+                        // Now part of the domain's chain, merged and freed
+                        // like vmsnap's own overlays; unrecorded, it would
+                        // only ever be kept.
+                        let reused: Vec<PathBuf> = reused.iter().cloned().collect();
+                        if let Err(err) = self.snaps.own(&dom.name, &reused) {
+                            outcome.notes.push(format!(
+                                "the reused overlays stay the caller's to remove: {err}"
+                            ));
+                        }
+                        return Ok(outcome);
+                    }
                     Err(err) => err,
                 }
             }
@@ -809,6 +890,7 @@ impl<'a> Orchestrator<'a> {
         disks: &[(String, PathBuf)],
         internal: &[String],
         memory_file: Option<&Path>,
+        reused: &BTreeSet<PathBuf>,
         running: Option<bool>,
         progress: ProgressFn<'_>,
         id: i64,
@@ -868,8 +950,16 @@ impl<'a> Orchestrator<'a> {
                 Some(qmp) => offline::live_virtual_size(&dom.name, qmp, &active.node_name).await?,
                 None => offline::virtual_size(&Layer::new(active.path.clone(), active.format))?,
             };
-            offline::create_overlay(file, &Layer::new(active.path.clone(), active.format), size)?;
-            undo.created.push(file.clone());
+            if reused.contains(file) {
+                check_reusable_overlay(&chain.target, file, active, size)?;
+            } else {
+                offline::create_overlay(
+                    file,
+                    &Layer::new(active.path.clone(), active.format),
+                    size,
+                )?;
+                undo.created.push(file.clone());
+            }
             let node = node_name_for(&chain.target, file);
             let frozen = chain_of(chain);
             storage.disks.insert(
@@ -2017,21 +2107,53 @@ impl<'a> Orchestrator<'a> {
         let child = node(&merge.child.file);
         let frozen = node(&merge.frozen.file);
         let base = node(&merge.base.file);
+        // A child below the active layer (frozen by a later snapshot) is open
+        // read-only, its file node explicitly so, which QEMU's stream cannot
+        // change by itself ("Block node is read-only"): it is made writable
+        // for the stream and read-only again after, on its new backing.
+        let below_active = chain
+            .active()
+            .is_some_and(|active| active.path != merge.child.file);
+        let reopen = |read_only: bool, backing: &str| {
+            json!({"options": [
+                {"driver": "file", "node-name": file_node_name(&child),
+                 "filename": merge.child.file, "read-only": read_only, "discard": "unmap"},
+                {"driver": merge.child.format.as_str(), "node-name": child,
+                 "file": file_node_name(&child), "backing": backing,
+                 "read-only": read_only, "discard": "unmap"},
+            ]})
+        };
         let job = job_id("stream");
         progress(Progress {
             step: &format!("merging {}", merge.target),
             done: 0,
             total: 1,
         });
-        qmp.execute(
-            "block-stream",
-            Some(json!({"job-id": job, "device": child, "base-node": base, "auto-dismiss": false})),
-        )
-        .await
-        .map_err(qmp_error(&dom.name, "block-stream"))?;
-        qmp.wait_job(&job, JOB_TIMEOUT)
+        if below_active {
+            qmp.execute("blockdev-reopen", Some(reopen(false, &frozen)))
+                .await
+                .map_err(qmp_error(&dom.name, "blockdev-reopen"))?;
+        }
+        let streamed = match qmp
+            .execute(
+                "block-stream",
+                Some(json!({"job-id": job, "device": child, "base-node": base, "auto-dismiss": false})),
+            )
             .await
-            .map_err(qmp_error(&dom.name, "block-stream"))?;
+        {
+            Ok(_) => qmp.wait_job(&job, JOB_TIMEOUT).await,
+            Err(err) => Err(err),
+        };
+        if below_active {
+            let backing = if streamed.is_ok() { &base } else { &frozen };
+            let restored = qmp
+                .execute("blockdev-reopen", Some(reopen(true, backing)))
+                .await;
+            streamed.map_err(qmp_error(&dom.name, "block-stream"))?;
+            restored.map_err(qmp_error(&dom.name, "blockdev-reopen"))?;
+        } else {
+            streamed.map_err(qmp_error(&dom.name, "block-stream"))?;
+        }
         progress(Progress {
             step: &format!("merging {}", merge.target),
             done: 1,
@@ -2249,7 +2371,85 @@ enum CreatePlan {
         /// Disks snapshotted inside their qcow2 image beside the external ones.
         internal: Vec<String>,
         memory_file: Option<PathBuf>,
+        /// Overlays that exist already (`--reuse-external`): checked, not created.
+        reused: BTreeSet<PathBuf>,
     },
+}
+
+/// `--reuse-external`: `file` may become the overlay of `active` only when
+/// it is what vmsnap would have made itself: a qcow2 image of the disk's
+/// size whose header names `active` (path and format) as its backing file,
+/// holding no data and no internal snapshots. Anything else would change
+/// what the guest reads, lose the file's contents, or make vmsnap follow a
+/// backing file nobody configured.
+fn check_reusable_overlay(
+    target: &str,
+    file: &Path,
+    active: &crate::disk::DiskLayer,
+    size: u64,
+) -> Result<()> {
+    let refuse = |why: String| {
+        Err(SnapshotError::Invalid(format!(
+            "cannot reuse {} as the overlay of disk {target} (--reuse-external): {why}",
+            file.display()
+        )))
+    };
+    let image = vmsnap_qcow2::Qcow2Image::open(
+        file,
+        vmsnap_qcow2::OpenOptions {
+            writable: false,
+            backing: vmsnap_qcow2::BackingPolicy::Ignore,
+        },
+    );
+    let mut image = match image {
+        Ok(image) => image,
+        Err(err) => return refuse(format!("it is not a usable qcow2 image ({err})")),
+    };
+    let expected = format!(
+        "create it with `vmsnap img create -f qcow2 -b {} -F {} {}`",
+        active.path.display(),
+        active.format.as_str(),
+        file.display()
+    );
+    match image.backing_file() {
+        Some((name, Some(format))) => {
+            let named = Path::new(&name);
+            let resolved = if named.is_absolute() {
+                named.to_path_buf()
+            } else {
+                file.parent().unwrap_or(Path::new("/")).join(named)
+            };
+            if resolved != active.path || format != active.format.as_str() {
+                return refuse(format!(
+                    "its backing file is {name} ({format}), not the disk's active image {} ({}); {expected}",
+                    active.path.display(),
+                    active.format.as_str()
+                ));
+            }
+        }
+        Some((name, None)) => {
+            return refuse(format!(
+                "its header names backing file {name} without a format, which vmsnap never guesses; {expected}"
+            ))
+        }
+        None => return refuse(format!("it has no backing file; {expected}")),
+    }
+    if image.size() != size {
+        return refuse(format!(
+            "it is {} bytes, the disk is {size}; {expected}",
+            image.size()
+        ));
+    }
+    if !image.snapshots().is_empty() {
+        return refuse("it holds internal snapshots".into());
+    }
+    match image.allocation(0, size) {
+        Ok((false, run)) if run == size => Ok(()),
+        Ok(_) => refuse(
+            "it holds data, which would change the guest's disk; use an empty overlay".into(),
+        ),
+        Err(err) => refuse(format!("it cannot be read ({err})")),
+    }
 }
 
 /// `DIR/STEM.EXT`, or `DIR/STEM.N.EXT` for the first N that is free.
