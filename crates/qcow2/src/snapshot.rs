@@ -175,6 +175,10 @@ impl Qcow2Image {
             u64::from(sn.l1_size) * 8,
             &format!("L1 table of snapshot '{}'", sn.name),
         )?;
+        let mut released = self.tree_host_ranges(&sn_l1)?;
+        if sn.l1_size > 0 {
+            released.push((sn.l1_table_offset, u64::from(sn.l1_size) * 8));
+        }
         let result = (|| -> Result<()> {
             // 1. The table no longer lists the snapshot: from here on a crash only leaks.
             let mut list = self.snapshots.clone();
@@ -187,6 +191,9 @@ impl Qcow2Image {
             }
             self.write_refblocks()?;
             self.sync()?;
+            // What only the snapshot used goes back to the file system, as with
+            // `qemu-img snapshot -d` (the refcounts saying so are on disk now).
+            self.punch_unreferenced(&released);
             // 3. Clusters now used only by the active state may be written in place again.
             self.update_active_copied_flags()?;
             self.write_tables()?;
@@ -222,6 +229,7 @@ impl Qcow2Image {
             u64::from(self.header.l1_size) * 8,
             "active L1 table",
         )?;
+        let released = self.tree_host_ranges(&active)?;
         let result = (|| -> Result<()> {
             // 1. Everything the snapshot uses gains a reference first (in memory, so that
             //    a refcount overflow is refused before anything is written).
@@ -246,10 +254,12 @@ impl Qcow2Image {
             }
             self.write_tables()?;
             self.sync()?;
-            // 4. The old active tree loses its references.
+            // 4. The old active tree loses its references; what only it used
+            //    goes back to the file system, as with `qemu-img snapshot -a`.
             self.tree_refcount_pass(&old_l1, -1)?;
             self.write_refblocks()?;
             self.sync()?;
+            self.punch_unreferenced(&released);
             // 5. COPIED flags for what the active state alone now uses.
             self.update_active_copied_flags()?;
             self.write_tables()?;
@@ -457,6 +467,72 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// The host byte ranges a tree references: its L2 tables and what they map.
+    fn tree_host_ranges(&mut self, l1: &[u64]) -> Result<Vec<(u64, u64)>> {
+        let l2_offsets: Vec<u64> = l1
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        self.prefetch_l2(&l2_offsets)?;
+        let mut ranges = Vec::new();
+        for off in l2_offsets {
+            self.load_l2(off)?;
+            ranges.push((off, 0));
+            if let Some(table) = self.l2.get(&off) {
+                for &raw in &table.entries {
+                    if raw != 0 {
+                        if let Some(range) = self.decode_entry(raw)?.host_range() {
+                            ranges.push(range);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ranges)
+    }
+
+    /// Punches holes where the clusters of `ranges` have refcount 0 (QEMU's
+    /// discard of freed clusters), so freed snapshot data stops occupying the
+    /// file system. Call only once the zero refcounts are on disk. Best
+    /// effort: a file system without hole punching keeps the space, which the
+    /// image reuses for its next allocations.
+    fn punch_unreferenced(&mut self, ranges: &[(u64, u64)]) {
+        let cs = self.cluster_size();
+        let mut clusters: Vec<u64> = ranges
+            .iter()
+            .flat_map(|&(off, len)| {
+                let last = if len == 0 { off } else { off + len - 1 };
+                off / cs..=last / cs
+            })
+            .collect();
+        clusters.sort_unstable();
+        clusters.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for c in clusters {
+            // The header cluster is never free; an unreadable refcount is left alone.
+            if c == 0 || !matches!(self.refcount(c), Ok(0)) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == c => *count += 1,
+                _ => runs.push((c, 1)),
+            }
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        for (first, count) in runs {
+            // SAFETY: fallocate(2) on a descriptor this image owns; no memory is passed.
+            unsafe {
+                libc::fallocate(
+                    fd,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (first * cs) as libc::off_t,
+                    (count * cs) as libc::off_t,
+                );
+            }
+        }
+    }
+
     /// Sets COPIED on active L1/L2 entries whose cluster has refcount 1 and clears it elsewhere.
     pub(crate) fn update_active_copied_flags(&mut self) -> Result<()> {
         let cs = self.cluster_size();
@@ -629,6 +705,69 @@ fn leading_number(id: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::leading_number;
+    use crate::*;
+
+    fn allocated(path: &std::path::Path) -> u64 {
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap()) * 512
+    }
+
+    /// Deleting a snapshot, or applying one over data only the active state
+    /// used, gives the freed clusters back to the file system (holes), as
+    /// `qemu-img snapshot -d` / `-a` do.
+    #[test]
+    fn delete_and_apply_give_freed_clusters_back() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.qcow2");
+        create(
+            &path,
+            ImageFormat::Qcow2,
+            &CreateOptions {
+                size: 32 * MIB,
+                cluster_size: 65536,
+                compat: Compat::V3,
+                refcount_bits: 16,
+                backing: None,
+            },
+        )
+        .unwrap();
+        let rw = OpenOptions {
+            writable: true,
+            backing: BackingPolicy::FromHeader,
+        };
+        let mut img = Qcow2Image::open(&path, rw.clone()).unwrap();
+        img.write_at(0, &vec![1u8; 16 * MIB as usize]).unwrap();
+        img.create_snapshot("old").unwrap();
+        img.write_at(0, &vec![2u8; 16 * MIB as usize]).unwrap();
+        img.flush().unwrap();
+        let both = allocated(&path);
+        img.delete_snapshot("old").unwrap();
+        let one = allocated(&path);
+        assert!(one + 15 * MIB < both, "delete: {both} -> {one} bytes");
+        img.create_snapshot("keep").unwrap();
+        img.write_at(0, &vec![3u8; 16 * MIB as usize]).unwrap();
+        img.flush().unwrap();
+        let diverged = allocated(&path);
+        img.apply_snapshot("keep").unwrap();
+        let applied = allocated(&path);
+        assert!(
+            applied + 15 * MIB < diverged,
+            "apply: {diverged} -> {applied} bytes"
+        );
+        let mut back = vec![0u8; 16 * MIB as usize];
+        img.read_at(0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 2));
+        drop(img);
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", path.to_str().unwrap()])
+            .output()
+            .expect("qemu-img is installed");
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
 
     #[test]
     fn ids_follow_strtoul() {
