@@ -147,6 +147,8 @@ pub(crate) struct Refcounts {
 const L2_CACHE_LIMIT_BYTES: u64 = 64 << 20;
 /// Coalesced metadata reads and writes are split at this size.
 const MAX_IO_RUN: u64 = 16 << 20;
+/// Beyond this many merged ranges, `sync` writes back one span covering them all.
+const MAX_SEPARATE_SYNC_RANGES: usize = 32;
 /// Beyond this many separate unsynced write ranges, `sync` uses a plain fdatasync.
 const MAX_TRACKED_RANGES: usize = 16384;
 /// Backing chains deeper than this are refused (a loop that path checks missed).
@@ -736,6 +738,18 @@ impl Qcow2Image {
                 Ok(())
             }
         };
+        // Many scattered ranges (a COPIED pass rewrites every L2 table) cost
+        // two calls each; one span over them all writes back the same pages
+        // plus whatever else of this file is dirty in between, in two calls.
+        if merged.len() > MAX_SEPARATE_SYNC_RANGES {
+            let start = merged[0].0;
+            let end = merged
+                .iter()
+                .map(|&(off, len)| off + len)
+                .max()
+                .unwrap_or(start);
+            merged = vec![(start, end - start)];
+        }
         // Start writeback of every range first, then wait for each: the I/Os overlap.
         for &(off, len) in &merged {
             call(off, len, libc::SYNC_FILE_RANGE_WRITE)?;
