@@ -179,6 +179,9 @@ pub struct Qcow2Image {
     unsynced: Unsynced,
     /// Whether this handle has issued any write to the file (see [`Qcow2Image::modified`]).
     modified: bool,
+    /// Clusters whose refcount dropped to 0 while a snapshot delete or apply
+    /// runs (`Some`), so it can give exactly those back to the file system.
+    pub(crate) freed_clusters: Option<Vec<u64>>,
     writing_frees: bool,
     unsynced_ranges: Vec<(u64, u64)>,
     ranges_overflowed: bool,
@@ -346,6 +349,7 @@ impl Qcow2Image {
             compressed_cache: None,
             unsynced: Unsynced::Clean,
             modified: false,
+            freed_clusters: None,
             writing_frees: false,
             unsynced_ranges: Vec::new(),
             ranges_overflowed: false,
@@ -1259,6 +1263,9 @@ impl Qcow2Image {
             if new == 0 && old != 0 {
                 self.forget_cluster(c * cs);
                 self.rc.free_hint = self.rc.free_hint.min(c);
+                if let Some(freed) = self.freed_clusters.as_mut() {
+                    freed.push(c);
+                }
             }
             self.set_refcount_value(c, new)?;
         }

@@ -175,10 +175,7 @@ impl Qcow2Image {
             u64::from(sn.l1_size) * 8,
             &format!("L1 table of snapshot '{}'", sn.name),
         )?;
-        let mut released = self.tree_host_ranges(&sn_l1)?;
-        if sn.l1_size > 0 {
-            released.push((sn.l1_table_offset, u64::from(sn.l1_size) * 8));
-        }
+        self.freed_clusters = Some(Vec::new());
         let result = (|| -> Result<()> {
             // 1. The table no longer lists the snapshot: from here on a crash only leaks.
             let mut list = self.snapshots.clone();
@@ -193,12 +190,13 @@ impl Qcow2Image {
             self.sync()?;
             // What only the snapshot used goes back to the file system, as with
             // `qemu-img snapshot -d` (the refcounts saying so are on disk now).
-            self.punch_unreferenced(&released);
+            self.punch_freed_clusters();
             // 3. Clusters now used only by the active state may be written in place again.
             self.update_active_copied_flags()?;
             self.write_tables()?;
             self.sync()
         })();
+        self.freed_clusters = None;
         if result.is_err() {
             let _ = self.discard_unwritten();
         }
@@ -229,7 +227,6 @@ impl Qcow2Image {
             u64::from(self.header.l1_size) * 8,
             "active L1 table",
         )?;
-        let released = self.tree_host_ranges(&active)?;
         let result = (|| -> Result<()> {
             // 1. Everything the snapshot uses gains a reference first (in memory, so that
             //    a refcount overflow is refused before anything is written).
@@ -256,15 +253,17 @@ impl Qcow2Image {
             self.sync()?;
             // 4. The old active tree loses its references; what only it used
             //    goes back to the file system, as with `qemu-img snapshot -a`.
+            self.freed_clusters = Some(Vec::new());
             self.tree_refcount_pass(&old_l1, -1)?;
             self.write_refblocks()?;
             self.sync()?;
-            self.punch_unreferenced(&released);
+            self.punch_freed_clusters();
             // 5. COPIED flags for what the active state alone now uses.
             self.update_active_copied_flags()?;
             self.write_tables()?;
             self.sync()
         })();
+        self.freed_clusters = None;
         if result.is_err() {
             let _ = self.discard_unwritten();
         }
@@ -467,51 +466,19 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// The host byte ranges a tree references: its L2 tables and what they map.
-    fn tree_host_ranges(&mut self, l1: &[u64]) -> Result<Vec<(u64, u64)>> {
-        let l2_offsets: Vec<u64> = l1
-            .iter()
-            .map(|e| e & OFFSET_MASK)
-            .filter(|&o| o != 0)
-            .collect();
-        self.prefetch_l2(&l2_offsets)?;
-        let mut ranges = Vec::new();
-        for off in l2_offsets {
-            self.load_l2(off)?;
-            ranges.push((off, 0));
-            if let Some(table) = self.l2.get(&off) {
-                for &raw in &table.entries {
-                    if raw != 0 {
-                        if let Some(range) = self.decode_entry(raw)?.host_range() {
-                            ranges.push(range);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(ranges)
-    }
-
-    /// Punches holes where the clusters of `ranges` have refcount 0 (QEMU's
+    /// Punches holes where clusters were freed since tracking began (QEMU's
     /// discard of freed clusters), so freed snapshot data stops occupying the
-    /// file system. Call only once the zero refcounts are on disk. Best
-    /// effort: a file system without hole punching keeps the space, which the
-    /// image reuses for its next allocations.
-    fn punch_unreferenced(&mut self, ranges: &[(u64, u64)]) {
-        let cs = self.cluster_size();
-        let mut clusters: Vec<u64> = ranges
-            .iter()
-            .flat_map(|&(off, len)| {
-                let last = if len == 0 { off } else { off + len - 1 };
-                off / cs..=last / cs
-            })
-            .collect();
+    /// file system. Call only once the zero refcounts are on disk; a cluster
+    /// allocated again since is skipped. Best effort: a file system without
+    /// hole punching keeps the space, which the image reuses for its next
+    /// allocations.
+    fn punch_freed_clusters(&mut self) {
+        let mut clusters = self.freed_clusters.replace(Vec::new()).unwrap_or_default();
         clusters.sort_unstable();
         clusters.dedup();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for c in clusters {
-            // The header cluster is never free; an unreadable refcount is left alone.
-            if c == 0 || !matches!(self.refcount(c), Ok(0)) {
+            if c == 0 || self.cached_refcount(c) != Some(0) {
                 continue;
             }
             match runs.last_mut() {
@@ -519,6 +486,7 @@ impl Qcow2Image {
                 _ => runs.push((c, 1)),
             }
         }
+        let cs = self.cluster_size();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
         for (first, count) in runs {
             // SAFETY: fallocate(2) on a descriptor this image owns; no memory is passed.
