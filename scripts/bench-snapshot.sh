@@ -4,9 +4,10 @@
 # same run on the same VM.
 #
 # The VM: the test guest (TCG) with 1 GiB of RAM and a 1 GiB qcow2 disk. Its
-# initramfs carries an extra 256 MiB file of random bytes, so once booted
-# well over 512 MiB of guest RAM is non-zero (the loaded archive plus the
-# unpacked copy) and a memory save has real pages to write.
+# initramfs carries an extra 420 MiB file of random bytes, so once booted
+# over 512 MiB of guest RAM is non-zero (the unpacked copy, the kernel and
+# the rest; the kernel gives the loaded archive back) and a memory save has
+# real pages to write.
 #
 # Pause = QMP STOP to RESUME event timestamps (QEMU's own clock), as
 # `snapshot-create-as --json` reports it in `pause_ms`: for the external
@@ -51,9 +52,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "bench-snapshot: preparing a 1 GiB guest with 256 MiB of random bytes in its initramfs"
+echo "bench-snapshot: preparing a 1 GiB guest with 420 MiB of random bytes in its initramfs"
 mkdir "$work/dirt"
-head -c 256M /dev/urandom >"$work/dirt/dirt.bin"
+head -c 420M /dev/urandom >"$work/dirt/dirt.bin"
 (cd "$work/dirt" && echo dirt.bin | cpio --quiet -o -H newc) >"$work/dirt.cpio"
 cat guest/out/initrd.img "$work/dirt.cpio" >"$work/initrd.img"
 rm -rf "$work/dirt" "$work/dirt.cpio"
