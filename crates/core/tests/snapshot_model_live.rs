@@ -506,7 +506,9 @@ impl Bench {
                 file.display()
             );
         }
-        let files = self.files();
+        // The configured disks are the user's: vmsnap never removes them,
+        // even once the domain runs on a clone made by a revert.
+        let files: Vec<PathBuf> = lab::files_under(&self.snapshot_dir());
         for file in &files {
             assert!(
                 needed.contains(file),
