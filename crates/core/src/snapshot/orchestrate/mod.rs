@@ -10,6 +10,7 @@
 
 pub mod check;
 pub mod error;
+pub mod hugepages;
 pub mod model;
 mod offline;
 mod ops;

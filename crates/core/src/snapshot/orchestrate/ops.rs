@@ -1079,6 +1079,16 @@ impl<'a> Orchestrator<'a> {
             }
         }
         undo.background = background;
+        if background {
+            // Outside the pause: huge pages make QEMU's walk over guest RAM
+            // inside it several times shorter (see `hugepages`).
+            if let Ok(crate::domain::QemuProcess::Alive(pid)) = dom.vm.process() {
+                let ram = dom.config.memory_mib << 20;
+                let _ =
+                    tokio::task::spawn_blocking(move || super::hugepages::fold_guest_ram(pid, ram))
+                        .await;
+            }
+        }
         // 3. The paused window is journalled as one step before it starts,
         // so nothing waits for the store while the guest is stopped: stop,
         // switch every disk in one transaction, start the memory save (with
