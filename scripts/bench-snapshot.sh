@@ -19,15 +19,11 @@
 # dirty). Prints every pause, the medians and the ratio (target: vmsnap's
 # median <= 5 ms).
 #
-# Experiment, off by default: with BENCH_THP_COLLAPSE=1 the script folds the
-# guest's RAM back into transparent huge pages (process_madvise MADV_COLLAPSE
-# on QEMU's 1 GiB RAM mapping, Linux 6.1+, needs python3 and ptrace rights
-# over QEMU) before each external snapshot, outside the timed pause. A
-# background snapshot splits every huge page of guest RAM, and QEMU 7.2 then
-# walks 262,144 small pages twice inside the pause (populate, UFFD write
-# protect); this shows the pause vmsnap would get by collapsing them first.
+# vmsnap folds the guest's RAM back into transparent huge pages before each
+# external snapshot, outside the pause (the previous background snapshot
+# split them, and QEMU 7.2 walks guest RAM page by page inside the pause).
 #
-# Usage: [BENCH_THP_COLLAPSE=1] scripts/bench-snapshot.sh [ROUNDS]
+# Usage: scripts/bench-snapshot.sh [ROUNDS]
 #        (default 5 rounds; needs guest/out, see guest/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,45 +79,15 @@ for _ in $(seq 1 240); do
 done
 grep -q 'vmsnap-guest: ready' "$serial" || { echo "bench-snapshot: the guest did not boot" >&2; exit 1; }
 
-[ "${BENCH_THP_COLLAPSE:-0}" = 1 ] && echo "bench-snapshot: BENCH_THP_COLLAPSE=1: guest RAM folded back into huge pages before each external snapshot"
 echo "bench-snapshot: $(date -u '+%F %T UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg), $(qemu-system-x86_64 --version | head -1), vmsnap built from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates || echo ' plus uncommitted changes in crates/')"
 
 fail() { echo "bench-snapshot: $*" >&2; exit 1; }
 min_dirty=$((512 * 1024 * 1024))
-# collapse_guest_ram: the BENCH_THP_COLLAPSE experiment (see the top).
-collapse_guest_ram() {
-    python3 - "$(cat "$VMSNAP_STATE_DIR/domains/bench/qemu.pid")" <<'PY'
-import ctypes, sys
-pid = int(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-ram = None
-for line in open(f"/proc/{pid}/maps"):
-    fields = line.split()
-    start, end = (int(x, 16) for x in fields[0].split("-"))
-    if fields[1] == "rw-p" and len(fields) == 5 and end - start == 1 << 30:
-        ram = (start, end)
-if ram is None:
-    sys.exit("bench-snapshot: no 1 GiB anonymous mapping (the guest RAM) in QEMU")
-class IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-SYS_PIDFD_OPEN, SYS_PROCESS_MADVISE, MADV_COLLAPSE = 434, 440, 25
-pidfd = libc.syscall(SYS_PIDFD_OPEN, pid, 0)
-iov = IoVec(ram[0], ram[1] - ram[0])
-if pidfd < 0:
-    sys.exit(f"bench-snapshot: pidfd_open({pid}) failed: errno {ctypes.get_errno()}")
-# EINVAL only says some 2 MiB ranges were left as they are (never touched by
-# the guest, so no page table): the others are collapsed all the same.
-if libc.syscall(SYS_PROCESS_MADVISE, pidfd, ctypes.byref(iov), 1, MADV_COLLAPSE, 0) < 0 \
-        and ctypes.get_errno() != 22:
-    sys.exit(f"bench-snapshot: MADV_COLLAPSE failed: errno {ctypes.get_errno()}")
-PY
-}
 
 external=()
 internal=()
 fallback=""
 for i in $(seq 1 "$rounds"); do
-    [ "${BENCH_THP_COLLAPSE:-0}" = 1 ] && collapse_guest_ram
     out=$("$vmsnap" snapshot-create-as bench "ext$i" --external --json)
     [ "$(jq -r '.name + " " + .kind' <<<"$out")" = "ext$i external" ] || fail "unexpected reply to ext$i: $out"
     pause=$(jq -r '.pause_ms | numbers' <<<"$out")
