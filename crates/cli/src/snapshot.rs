@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use clap::{ArgMatches, Subcommand};
+use clap::{ArgMatches, Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use vmsnap_core::snapshot::orchestrate::store::is_store_full;
@@ -68,31 +68,11 @@ pub enum SnapshotCommand {
         /// External snapshot with files named by vmsnap in the state directory.
         #[arg(long)]
         external: bool,
-        /// Accepted for virsh compatibility: snapshots are always atomic.
-        #[arg(long)]
-        atomic: bool,
-        /// Accepted for virsh compatibility: running guests are always snapshotted live.
-        #[arg(long)]
-        live: bool,
         /// Print the domainsnapshot XML virsh would pass, and create nothing.
         #[arg(long)]
         print_xml: bool,
-        /// Stop the domain's QEMU once the snapshot is taken (as destroy does).
-        #[arg(long)]
-        halt: bool,
-        /// Take the overlays named by --diskspec file= as they exist (empty qcow2
-        /// images backed by each disk's active image) instead of creating them.
-        #[arg(long)]
-        reuse_external: bool,
-        /// Refused: vmsnap has no guest agent to freeze file systems with.
-        #[arg(long)]
-        quiesce: bool,
-        /// Refused: vmsnap records every snapshot it takes.
-        #[arg(long)]
-        no_metadata: bool,
-        /// Accepted for virsh compatibility: the request is always validated.
-        #[arg(long)]
-        validate: bool,
+        #[command(flatten)]
+        flags: CreateFlags,
     },
     /// Create a snapshot from libvirt domainsnapshot XML or an xl snapshot
     /// config; without a file, like snapshot-create-as DOM.
@@ -118,28 +98,8 @@ pub enum SnapshotCommand {
         /// Disks only, no memory.
         #[arg(long)]
         disk_only: bool,
-        /// Stop the domain's QEMU once the snapshot is taken (as destroy does).
-        #[arg(long)]
-        halt: bool,
-        /// Take the overlays the document names as they exist (empty qcow2
-        /// images backed by each disk's active image) instead of creating them.
-        #[arg(long)]
-        reuse_external: bool,
-        /// Refused: vmsnap has no guest agent to freeze file systems with.
-        #[arg(long)]
-        quiesce: bool,
-        /// Refused: vmsnap records every snapshot it takes.
-        #[arg(long)]
-        no_metadata: bool,
-        /// Accepted for virsh compatibility: snapshots are always atomic.
-        #[arg(long)]
-        atomic: bool,
-        /// Accepted for virsh compatibility: running guests are always snapshotted live.
-        #[arg(long)]
-        live: bool,
-        /// Accepted for virsh compatibility: the document is always validated.
-        #[arg(long)]
-        validate: bool,
+        #[command(flatten)]
+        flags: CreateFlags,
     },
     /// List snapshots.
     #[command(name = "snapshot-list")]
@@ -491,22 +451,52 @@ fn needed(values: Vec<String>) -> String {
     single(values).unwrap_or_default()
 }
 
-/// The virsh creation options vmsnap cannot honour, refused before anything
-/// is looked at, each with what to do instead.
-fn refuse_unsupported(quiesce: bool, no_metadata: bool) -> Result<()> {
-    if quiesce {
-        bail!(
-            "--quiesce is not supported: vmsnap has no guest agent to freeze the guest's file systems; \
-             freeze them inside the guest (fsfreeze -f MOUNTPOINT), snapshot without --quiesce, then thaw them (fsfreeze -u)"
-        );
+/// The creation options `snapshot-create-as` and `snapshot-create` share.
+#[derive(Debug, Args)]
+pub struct CreateFlags {
+    /// Stop the domain's QEMU once the snapshot is taken (as destroy does).
+    #[arg(long)]
+    halt: bool,
+    /// Take the overlays named (--diskspec file=, or the document) as they
+    /// exist (empty qcow2 images backed by each disk's active image) instead
+    /// of creating them.
+    #[arg(long)]
+    reuse_external: bool,
+    /// Refused: vmsnap has no guest agent to freeze file systems with.
+    #[arg(long)]
+    quiesce: bool,
+    /// Refused: vmsnap records every snapshot it takes.
+    #[arg(long)]
+    no_metadata: bool,
+    /// Accepted for virsh compatibility: snapshots are always atomic.
+    #[arg(long)]
+    atomic: bool,
+    /// Accepted for virsh compatibility: running guests are always snapshotted live.
+    #[arg(long)]
+    live: bool,
+    /// Accepted for virsh compatibility: the request is always validated.
+    #[arg(long)]
+    validate: bool,
+}
+
+impl CreateFlags {
+    /// The virsh creation options vmsnap cannot honour, refused before
+    /// anything is looked at, each with what to do instead.
+    fn refuse_unsupported(&self) -> Result<()> {
+        if self.quiesce {
+            bail!(
+                "--quiesce is not supported: vmsnap has no guest agent to freeze the guest's file systems; \
+                 freeze them inside the guest (fsfreeze -f MOUNTPOINT), snapshot without --quiesce, then thaw them (fsfreeze -u)"
+            );
+        }
+        if self.no_metadata {
+            bail!(
+                "--no-metadata is not supported: vmsnap records every snapshot it takes; \
+                 create it without --no-metadata, then forget it and keep its data with `vmsnap snapshot-delete DOMAIN NAME --metadata`"
+            );
+        }
+        Ok(())
     }
-    if no_metadata {
-        bail!(
-            "--no-metadata is not supported: vmsnap records every snapshot it takes; \
-             create it without --no-metadata, then forget it and keep its data with `vmsnap snapshot-delete DOMAIN NAME --metadata`"
-        );
-    }
-    Ok(())
 }
 
 /// A progress bar on stderr, drawn only on a terminal.
@@ -621,14 +611,8 @@ async fn execute(
             memspec,
             diskspec,
             external,
-            atomic: _,
-            live: _,
             print_xml,
-            halt,
-            reuse_external,
-            quiesce,
-            no_metadata,
-            validate: _,
+            flags,
         } => {
             let [domain, name, description, diskspec] = place(
                 argv,
@@ -660,7 +644,7 @@ async fn execute(
                 )?;
                 return Ok(render::render_request_xml(&xml));
             }
-            refuse_unsupported(quiesce, no_metadata)?;
+            flags.refuse_unsupported()?;
             let request = CreateRequest {
                 name: single(name),
                 description: single(description),
@@ -671,8 +655,8 @@ async fn execute(
                     .map(|s| DiskSpec::parse(s))
                     .collect::<Result<_, _>>()?,
                 external,
-                halt,
-                reuse_external,
+                halt: flags.halt,
+                reuse_external: flags.reuse_external,
             };
             let outcome = orchestrator.create(&domain, &request, &progress).await;
             bars.finish();
@@ -699,13 +683,7 @@ async fn execute(
             redefine,
             current,
             disk_only,
-            halt,
-            reuse_external,
-            quiesce,
-            no_metadata,
-            atomic: _,
-            live: _,
-            validate: _,
+            flags,
         } => {
             let [domain, file] = place(
                 argv,
@@ -715,11 +693,11 @@ async fn execute(
                 ],
             )?;
             let (domain, file) = (needed(domain), single(file));
-            refuse_unsupported(quiesce, no_metadata)?;
+            flags.refuse_unsupported()?;
             if current && !redefine {
                 bail!("--current needs --redefine");
             }
-            if redefine && halt {
+            if redefine && flags.halt {
                 // libvirt's rule: a redefinition only records metadata.
                 bail!("Options --redefine and --halt are mutually exclusive");
             }
@@ -731,8 +709,8 @@ async fn execute(
                 // default, as snapshot-create-as DOM takes.
                 let request = CreateRequest {
                     disk_only,
-                    halt,
-                    reuse_external,
+                    halt: flags.halt,
+                    reuse_external: flags.reuse_external,
                     ..CreateRequest::default()
                 };
                 let outcome = orchestrator.create(&domain, &request, &progress).await;
@@ -795,8 +773,8 @@ async fn execute(
                     })
                     .collect(),
                 external: false,
-                halt,
-                reuse_external,
+                halt: flags.halt,
+                reuse_external: flags.reuse_external,
             };
             let outcome = orchestrator.create(&domain, &request, &progress).await;
             bars.finish();

@@ -402,15 +402,7 @@ impl<'a> Orchestrator<'a> {
                 if mode_of(&chain.target) == DiskSnapshotMode::No {
                     continue;
                 }
-                let active = chain.active().expect("recorded chains are never empty");
-                if active.format != DiskFormat::Qcow2 {
-                    return Err(SnapshotError::InternalNeedsQcow2 {
-                        domain: dom.name.clone(),
-                        disk: chain.target.clone(),
-                        format: active.format.as_str().into(),
-                        file: active.path.clone(),
-                    });
-                }
+                require_qcow2(dom, chain)?;
                 disks.push(chain.target.clone());
             }
             if disks.is_empty() {
@@ -432,15 +424,7 @@ impl<'a> Orchestrator<'a> {
             match mode_of(&chain.target) {
                 DiskSnapshotMode::No => continue,
                 DiskSnapshotMode::Internal => {
-                    let active = chain.active().expect("recorded chains are never empty");
-                    if active.format != DiskFormat::Qcow2 {
-                        return Err(SnapshotError::InternalNeedsQcow2 {
-                            domain: dom.name.clone(),
-                            disk: chain.target.clone(),
-                            format: active.format.as_str().into(),
-                            file: active.path.clone(),
-                        });
-                    }
+                    require_qcow2(dom, chain)?;
                     internal.push(chain.target.clone());
                     continue;
                 }
@@ -2460,6 +2444,20 @@ fn check_reusable_overlay(
         ),
         Err(err) => refuse(format!("it cannot be read ({err})")),
     }
+}
+
+/// Refuses an internal snapshot of a disk whose active image is not qcow2.
+fn require_qcow2(dom: &Domain, chain: &DiskChain) -> Result<()> {
+    let active = chain.active().expect("recorded chains are never empty");
+    if active.format == DiskFormat::Qcow2 {
+        return Ok(());
+    }
+    Err(SnapshotError::InternalNeedsQcow2 {
+        domain: dom.name.clone(),
+        disk: chain.target.clone(),
+        format: active.format.as_str().into(),
+        file: active.path.clone(),
+    })
 }
 
 /// `DIR/STEM.EXT`, or `DIR/STEM.N.EXT` for the first N that is free.
