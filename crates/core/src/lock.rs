@@ -121,6 +121,16 @@ impl DomainLock {
     }
 }
 
+impl Drop for DomainLock {
+    /// Unlocks explicitly rather than by closing: a process forked meanwhile
+    /// (QEMU, qemu-img) shares the open file until it execs, and would keep
+    /// the lock held past the end of the command otherwise.
+    fn drop(&mut self) {
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
 fn open_lock_file(path: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
