@@ -479,7 +479,7 @@ impl Sweep {
         }
         let mut tags: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
         for image in &images {
-            match backing_chain(image) {
+            match lab::backing_chain(image) {
                 Ok(chain) => {
                     for (file, file_tags) in chain {
                         needed.insert(file.clone());
@@ -846,40 +846,6 @@ fn image_sum(
     let mut bytes = vec![0u8; LEN as usize];
     file.read_exact(&mut bytes).unwrap();
     Ok(sha256_hex(&bytes))
-}
-
-/// Every file of `image`'s backing chain with the internal snapshots it holds.
-fn backing_chain(image: &Path) -> Result<Vec<(PathBuf, Vec<String>)>, String> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--backing-chain", "--output=json"])
-        .arg(image)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(format!(
-            "qemu-img info {}: {}",
-            image.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let chain: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    Ok(chain
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|layer| {
-            let tags = layer["snapshots"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|s| s["name"].as_str().map(String::from))
-                .collect();
-            (
-                PathBuf::from(layer["filename"].as_str().unwrap_or("")),
-                tags,
-            )
-        })
-        .collect())
 }
 
 #[test]

@@ -310,8 +310,8 @@ impl Bench {
             }
         }
         for image in &images {
-            match backing_chain(image) {
-                Ok(chain) => needed.extend(chain),
+            match lab::backing_chain(image) {
+                Ok(chain) => needed.extend(chain.into_iter().map(|(file, _)| file)),
                 Err(e) => self.problem(format!("{what}: {e}")),
             }
         }
@@ -416,29 +416,6 @@ impl Bench {
             self.problems.join("\n")
         );
     }
-}
-
-/// Every file of `image`'s backing chain.
-fn backing_chain(image: &Path) -> Result<Vec<PathBuf>, String> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--backing-chain", "--output=json"])
-        .arg(image)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(format!(
-            "qemu-img info {}: {}",
-            image.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let chain: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    Ok(chain
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|layer| layer["filename"].as_str().map(PathBuf::from))
-        .collect())
 }
 
 /// Bytes QEMU `pid` has read so far (`rchar` of /proc/PID/io).

@@ -12,27 +12,12 @@ use vmsnap_core::snapshot::orchestrate::{CreateRequest, Orchestrator, Progress, 
 use vmsnap_core::snapshot::tree::DeleteScope;
 use vmsnap_core::{Host, LockWait};
 use vmsnap_testguest::lab::{self, qemu_io, DiskDef};
+use vmsnap_testguest::rng::Rng;
 
 const REGIONS: u64 = 4;
 const MIB: u64 = 1 << 20;
 
 fn no_progress(_: Progress<'_>) {}
-
-/// xorshift64*: deterministic per seed, so a failure replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn active(host: &Host) -> PathBuf {
     host.domain("model").unwrap().disks()[0].layers[0]
@@ -80,7 +65,7 @@ async fn run(seed: u64, steps: usize) {
     host.define(&dir.path().join("model.toml"), LockWait::Fail)
         .unwrap();
     let orchestrator = Orchestrator::new(&host).unwrap();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_state(seed);
     let mut current = vec![0u8; REGIONS as usize];
     let mut snapshots: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut counter = 0;
@@ -112,7 +97,7 @@ async fn run(seed: u64, steps: usize) {
                 snapshots.insert(name, current.clone());
             }
             6..=7 if !names.is_empty() => {
-                let name = &names[rng.below(names.len() as u64) as usize];
+                let name = rng.pick(&names);
                 orchestrator
                     .revert("model", name, RevertMode::AsRecorded, &no_progress)
                     .await
@@ -120,7 +105,7 @@ async fn run(seed: u64, steps: usize) {
                 current = snapshots[name].clone();
             }
             8..=9 if !names.is_empty() => {
-                let name = &names[rng.below(names.len() as u64) as usize];
+                let name = rng.pick(&names);
                 orchestrator
                     .delete("model", name, DeleteScope::Node, false, &no_progress)
                     .await

@@ -44,6 +44,7 @@ use vmsnap_core::snapshot::tree::DeleteScope;
 use vmsnap_core::snapshot::{DiskSnapshotMode, MemorySnapshot, SnapshotKind};
 use vmsnap_core::{Host, LaunchOptions, LockWait};
 use vmsnap_testguest::lab::{self, DiskDef};
+use vmsnap_testguest::rng::Rng;
 use vmsnap_testguest::{pattern_bytes, sha256_hex, Guest};
 
 const DOM: &str = "modlive";
@@ -61,34 +62,6 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
 
 fn no_progress(_: Progress<'_>) {}
-
-/// xorshift64*: deterministic per seed, so a failure replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // splitmix64 of the seed: any seed (0 too) gives a non-zero state.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'v, T>(&mut self, items: &'v [T]) -> &'v T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -612,7 +585,7 @@ async fn random_live_sequences_keep_promises_1_to_3() {
     let max_steps = env_u64("VMSNAP_MODEL_STEPS").unwrap_or(150);
     println!("snapshot_model_live: seed {seed:#x} (replay: VMSNAP_MODEL_SEED={seed:#x})");
     let started = Instant::now();
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::seeded(seed);
     let mut bench = Bench::new().await;
     let mut model = Model {
         snaps: BTreeMap::new(),
@@ -650,7 +623,7 @@ async fn random_live_sequences_keep_promises_1_to_3() {
             let first = rng.below(units);
             let count = (1 + rng.below(4)).min(units - first);
             let (offset, len) = (first * UNIT, count * UNIT);
-            let pattern = rng.next();
+            let pattern = rng.next_u64();
             bench
                 .guest()
                 .write_pattern(disk, offset, len, pattern)
@@ -660,7 +633,7 @@ async fn random_live_sequences_keep_promises_1_to_3() {
                 .copy_from_slice(&bytes);
             let mut action = format!("write {disk} {offset}+{len} pattern {pattern:#x}");
             if rng.below(4) != 0 {
-                let value = format!("ram-{step}-{:x}", rng.next() & 0xffff);
+                let value = format!("ram-{step}-{:x}", rng.next_u64() & 0xffff);
                 bench.guest().set_ram_value(&value).unwrap();
                 action.push_str(&format!(", RAM {value}"));
                 model.state.ram = value;

@@ -145,6 +145,48 @@ pub fn qemu_img_check(image: &Path) -> Result<(), String> {
     }
 }
 
+/// Every file of `image`'s backing chain (`qemu-img info -U --backing-chain`),
+/// top first, with the internal snapshots each holds: what crash tests
+/// count as needed when they look for orphans.
+pub fn backing_chain(image: &Path) -> Result<Vec<(PathBuf, Vec<String>)>, String> {
+    let out = run_tool(
+        "qemu-img",
+        &[
+            "info",
+            "-U",
+            "--backing-chain",
+            "--output=json",
+            utf8(image),
+        ],
+    );
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img info {}: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let chain: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(chain
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|layer| {
+            let tags = layer["snapshots"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["name"].as_str().map(String::from))
+                .collect();
+            (
+                PathBuf::from(layer["filename"].as_str().unwrap_or("")),
+                tags,
+            )
+        })
+        .collect())
+}
+
 /// Requires [`qemu_img_check`] to pass.
 pub fn assert_qemu_img_check(image: &Path) {
     if let Err(report) = qemu_img_check(image) {

@@ -22,6 +22,7 @@ mod guest;
 pub mod lab;
 mod pattern;
 mod qemu;
+pub mod rng;
 
 use std::path::PathBuf;
 
