@@ -816,15 +816,13 @@ async fn execute(
             let (domain, from) = (needed(domain), single(from));
             // A killed vmsnap may have left an operation half done: finish
             // or roll it back first, unless another command holds the domain.
-            if !orchestrator.snapshots().open_intents(&domain)?.is_empty() {
-                match orchestrator.recover(&domain).await {
-                    Ok(notes) => notes.iter().for_each(|n| eprintln!("note: {n}")),
-                    Err(err) if err.kind() == ErrorKind::Conflict => {}
-                    Err(err) if is_store_full(&err) => eprintln!(
-                        "warning: listing domain {domain} without finishing its interrupted operation: {err}"
-                    ),
-                    Err(err) => return Err(err.into()),
-                }
+            match orchestrator.recover_if_interrupted(&domain).await {
+                Ok(notes) => notes.iter().for_each(|n| eprintln!("note: {n}")),
+                Err(err) if err.kind() == ErrorKind::Conflict => {}
+                Err(err) if is_store_full(&err) => eprintln!(
+                    "warning: listing domain {domain} without finishing its interrupted operation: {err}"
+                ),
+                Err(err) => return Err(err.into()),
             }
             let snapshots = orchestrator.tree(&domain)?;
             let from = match (from, current) {

@@ -494,12 +494,7 @@ impl<'a> Orchestrator<'a> {
     /// chain or snapshot of the domain uses; its contents are checked once
     /// the active image's size is known ([`check_reusable_overlay`]).
     fn check_reuse_candidate(&self, dom: &Domain, target: &str, file: &Path) -> Result<()> {
-        let refuse = |why: &str| {
-            Err(SnapshotError::Invalid(format!(
-                "cannot reuse {} as the overlay of disk {target} (--reuse-external): {why}",
-                file.display()
-            )))
-        };
+        let refuse = |why: &str| Err(reuse_refused(target, file, why));
         match std::fs::symlink_metadata(file) {
             Ok(meta) if meta.file_type().is_file() => {}
             Ok(_) => return refuse("it is not a regular file"),
@@ -2370,6 +2365,14 @@ enum CreatePlan {
     },
 }
 
+/// Why `file` cannot be the existing overlay of disk `target`.
+fn reuse_refused(target: &str, file: &Path, why: &str) -> SnapshotError {
+    SnapshotError::Invalid(format!(
+        "cannot reuse {} as the overlay of disk {target} (--reuse-external): {why}",
+        file.display()
+    ))
+}
+
 /// `--reuse-external`: `file` may become the overlay of `active` only when
 /// it is what vmsnap would have made itself: a qcow2 image of the disk's
 /// size whose header names `active` (path and format) as its backing file,
@@ -2382,12 +2385,7 @@ fn check_reusable_overlay(
     active: &crate::disk::DiskLayer,
     size: u64,
 ) -> Result<()> {
-    let refuse = |why: String| {
-        Err(SnapshotError::Invalid(format!(
-            "cannot reuse {} as the overlay of disk {target} (--reuse-external): {why}",
-            file.display()
-        )))
-    };
+    let refuse = |why: String| Err(reuse_refused(target, file, &why));
     let image = vmsnap_qcow2::Qcow2Image::open(
         file,
         vmsnap_qcow2::OpenOptions {
