@@ -553,18 +553,13 @@ impl<'a> Orchestrator<'a> {
                     .disks
                     .insert(chain.target.clone(), DiskCapture::Excluded);
             }
-            meta.disks.push(DiskSnapshotRecord {
-                target: chain.target.clone(),
-                mode: if included {
-                    DiskSnapshotMode::Internal
-                } else {
-                    DiskSnapshotMode::No
-                },
-                source: active.path.clone(),
-                source_format: active.format.as_str().into(),
-                overlay: None,
-                overlay_format: None,
-            });
+            let mode = if included {
+                DiskSnapshotMode::Internal
+            } else {
+                DiskSnapshotMode::No
+            };
+            meta.disks
+                .push(disk_record(&chain.target, active, mode, None));
         }
         // A tag left in an image by someone else would make QEMU refuse or,
         // offline, shadow ours: refuse before touching anything.
@@ -898,28 +893,24 @@ impl<'a> Orchestrator<'a> {
                         tag: name.clone(),
                     },
                 );
-                meta.disks.push(DiskSnapshotRecord {
-                    target: chain.target.clone(),
-                    mode: DiskSnapshotMode::Internal,
-                    source: active.path.clone(),
-                    source_format: active.format.as_str().into(),
-                    overlay: None,
-                    overlay_format: None,
-                });
+                meta.disks.push(disk_record(
+                    &chain.target,
+                    active,
+                    DiskSnapshotMode::Internal,
+                    None,
+                ));
                 continue;
             }
             let Some((_, file)) = disks.iter().find(|(t, _)| t == &chain.target) else {
                 storage
                     .disks
                     .insert(chain.target.clone(), DiskCapture::Excluded);
-                meta.disks.push(DiskSnapshotRecord {
-                    target: chain.target.clone(),
-                    mode: DiskSnapshotMode::No,
-                    source: active.path.clone(),
-                    source_format: active.format.as_str().into(),
-                    overlay: None,
-                    overlay_format: None,
-                });
+                meta.disks.push(disk_record(
+                    &chain.target,
+                    active,
+                    DiskSnapshotMode::No,
+                    None,
+                ));
                 continue;
             };
             if let Some(parent) = file.parent() {
@@ -947,14 +938,12 @@ impl<'a> Orchestrator<'a> {
                     chain: frozen.clone(),
                 },
             );
-            meta.disks.push(DiskSnapshotRecord {
-                target: chain.target.clone(),
-                mode: DiskSnapshotMode::External,
-                source: active.path.clone(),
-                source_format: active.format.as_str().into(),
-                overlay: Some(file.clone()),
-                overlay_format: Some("qcow2".into()),
-            });
+            meta.disks.push(disk_record(
+                &chain.target,
+                active,
+                DiskSnapshotMode::External,
+                Some(file),
+            ));
             let mut new_chain = chain.clone();
             new_chain.layers.insert(
                 0,
@@ -2441,6 +2430,24 @@ fn check_reusable_overlay(
             "it holds data, which would change the guest's disk; use an empty overlay".into(),
         ),
         Err(err) => refuse(format!("it cannot be read ({err})")),
+    }
+}
+
+/// The record of how disk `target`, whose active image is `active`, is in a
+/// snapshot; `overlay` is the new qcow2 layer of an external one.
+fn disk_record(
+    target: &str,
+    active: &crate::disk::DiskLayer,
+    mode: DiskSnapshotMode,
+    overlay: Option<&Path>,
+) -> DiskSnapshotRecord {
+    DiskSnapshotRecord {
+        target: target.to_string(),
+        mode,
+        source: active.path.clone(),
+        source_format: active.format.as_str().into(),
+        overlay: overlay.map(Path::to_path_buf),
+        overlay_format: overlay.map(|_| "qcow2".into()),
     }
 }
 
