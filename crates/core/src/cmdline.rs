@@ -56,7 +56,23 @@ pub fn qemu_args(
 
     let accel = config.accel.resolved();
     add(&mut args, &["-name", &config.name]);
-    add(&mut args, &["-machine", "q35"]);
+    if config.hugepages {
+        // The backend keeps the id `pc.ram`, the RAM block name plain `-m`
+        // gives, so memory images move between both kinds of domain.
+        add(&mut args, &["-machine", "q35,memory-backend=pc.ram"]);
+        add(
+            &mut args,
+            &[
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=pc.ram,size={}M,hugetlb=on,hugetlbsize=2M,share=off,prealloc=on",
+                    config.memory_mib
+                ),
+            ],
+        );
+    } else {
+        add(&mut args, &["-machine", "q35"]);
+    }
     add(&mut args, &["-accel", accel.as_str()]);
     if accel == Accel::Kvm {
         add(&mut args, &["-cpu", "host"]);
@@ -219,6 +235,7 @@ mod tests {
         DomainConfig {
             name: "demo".into(),
             memory_mib: 256,
+            hugepages: false,
             vcpus: 2,
             accel: Accel::Auto,
             kernel: Some("/g/vmlinuz".into()),
@@ -305,6 +322,27 @@ mod tests {
         assert!(joined.contains("-bios /fw/OVMF.fd"), "{joined}");
         assert!(!joined.contains("-kernel"), "{joined}");
         assert!(joined.contains("-daemonize -S -incoming defer"), "{joined}");
+    }
+
+    #[test]
+    fn hugepage_memory_is_a_preallocated_hugetlb_backend_named_like_plain_ram() {
+        let mut config = config();
+        config.hugepages = true;
+        let args = qemu_args(&config, &[], &paths(), &LaunchOptions::default()).unwrap();
+        let joined = args.join(" ");
+        assert!(
+            joined.contains(
+                "-machine q35,memory-backend=pc.ram -object memory-backend-memfd,id=pc.ram,size=256M,hugetlb=on,hugetlbsize=2M,share=off,prealloc=on"
+            ),
+            "{joined}"
+        );
+        assert!(joined.contains("-m 256M"), "{joined}");
+        assert!(
+            !qemu_args(&self::config(), &[], &paths(), &LaunchOptions::default())
+                .unwrap()
+                .join(" ")
+                .contains("memory-backend")
+        );
     }
 
     #[test]

@@ -551,6 +551,10 @@ impl Domain {
                 check_layer(self.name(), &chain.target, layer)?;
             }
         }
+        if self.config.hugepages {
+            check_hugepage_pool(self.config.memory_mib)
+                .map_err(|why| self.qemu_error(format!("cannot start: {why}")))?;
+        }
         self.paths.create()?;
         self.paths.check_socket_paths()?;
         let args = qemu_args(&self.config, disks, &self.paths, &options)?;
@@ -931,6 +935,39 @@ fn wait_gone_blocking(pid: u32, pid_file: &Path, timeout: Duration) -> bool {
 }
 
 /// QEMU's stderr on one line (error messages must be one line), capped in length.
+/// Where the kernel counts its 2 MiB huge pages.
+const HUGEPAGES_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+/// Checks that the host's 2 MiB huge page pool can hold `memory_mib` of
+/// guest RAM now; QEMU's own failure would only say it cannot map memory.
+fn check_hugepage_pool(memory_mib: u64) -> std::result::Result<(), String> {
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(Path::new(HUGEPAGES_2M).join(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let (Some(free), Some(reserved)) = (read("free_hugepages"), read("resv_hugepages")) else {
+        return Err(format!(
+            "the domain has hugepages = true but this kernel has no 2 MiB huge page pool ({HUGEPAGES_2M})"
+        ));
+    };
+    hugepage_shortfall(memory_mib, free.saturating_sub(reserved))
+}
+
+/// The refusal when `available` 2 MiB pages cannot hold `memory_mib`.
+fn hugepage_shortfall(memory_mib: u64, available: u64) -> std::result::Result<(), String> {
+    let needed = memory_mib.div_ceil(2);
+    if available >= needed {
+        return Ok(());
+    }
+    Err(format!(
+        "its {memory_mib} MiB of guest RAM need {needed} free 2 MiB huge pages (hugepages = true) and the host has {available}; add {} to vm.nr_hugepages",
+        needed - available
+    ))
+}
+
 fn one_line_stderr(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let mut line = text
@@ -982,6 +1019,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hugepage_pool_must_hold_all_guest_ram() {
+        assert_eq!(hugepage_shortfall(1024, 512), Ok(()));
+        assert_eq!(hugepage_shortfall(1024, 600), Ok(()));
+        let refusal = hugepage_shortfall(1024, 100).unwrap_err();
+        assert!(
+            refusal.contains("need 512 free 2 MiB huge pages"),
+            "{refusal}"
+        );
+        assert!(
+            refusal.contains("the host has 100; add 412 to vm.nr_hugepages"),
+            "{refusal}"
+        );
+    }
+
+    #[test]
     fn uuid_is_version_4() {
         let uuid = new_uuid();
         assert_eq!(uuid.len(), 36);
@@ -1029,6 +1081,7 @@ mod tests {
             config: DomainConfig {
                 name: "demo".into(),
                 memory_mib: 64,
+                hugepages: false,
                 vcpus: 1,
                 accel: crate::config::Accel::Tcg,
                 kernel: None,

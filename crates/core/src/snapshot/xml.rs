@@ -106,6 +106,7 @@ struct DomainFacts {
     kvm: bool,
     uuid: Option<String>,
     memory_mib: Option<u64>,
+    hugepages: bool,
     vcpus: Option<u64>,
 }
 
@@ -120,6 +121,7 @@ fn domain_facts(domain_config: &str) -> DomainFacts {
         memory_mib: get("memory_mib")
             .and_then(toml::Value::as_integer)
             .and_then(|n| u64::try_from(n).ok()),
+        hugepages: get("hugepages").and_then(toml::Value::as_bool) == Some(true),
         vcpus: get("vcpus")
             .and_then(toml::Value::as_integer)
             .and_then(|n| u64::try_from(n).ok()),
@@ -184,6 +186,9 @@ pub fn snapshot_to_xml(meta: &SnapshotMeta) -> String {
     }
     if let Some(mib) = facts.memory_mib {
         x.push_str(&format!("    <memory unit='MiB'>{mib}</memory>\n"));
+    }
+    if facts.hugepages {
+        x.push_str("    <memoryBacking>\n      <hugepages/>\n      <allocation mode='immediate'/>\n    </memoryBacking>\n");
     }
     if let Some(vcpus) = facts.vcpus {
         x.push_str(&format!("    <vcpu>{vcpus}</vcpu>\n"));
@@ -1289,7 +1294,7 @@ mod tests {
         let mut odd = internal_meta("name with <&> 'quotes' é", None, 0);
         odd.description = Some("multi\nline \"text\"".into());
         odd.domain = "dom-1".into();
-        odd.domain_config = "accel = \"kvm\"\nmemory_mib = 256\nvcpus = 2\n\
+        odd.domain_config = "accel = \"kvm\"\nmemory_mib = 256\nhugepages = true\nvcpus = 2\n\
                              uuid = \"6695eb01-f6a4-8304-79aa-97f2502e193f\"\n"
             .into();
         odd.disks[0].source = "/img/with space & amp.qcow2".into();
@@ -1319,6 +1324,10 @@ mod tests {
                 snapshot_to_xml(m)
             );
         }
+        assert!(
+            snapshot_to_xml(&metas[4]).contains("<memoryBacking>\n      <hugepages/>"),
+            "a hugepage domain's export names its memory backing"
+        );
         // The schema check itself must be able to fail.
         let bad = dir.path().join("bad.xml");
         std::fs::write(

@@ -9,6 +9,8 @@
 //! (`MADV_COLLAPSE`, Linux 6.1+, through `process_madvise` on QEMU) happens
 //! while the guest runs, before the pause. It is best effort: without the
 //! kernel support or the right (CAP_SYS_NICE), the pause is just longer.
+//! A domain with `hugepages = true` needs none of this: QEMU walks its RAM in
+//! 2 MiB pages, which halves the pause again.
 
 /// An anonymous private mapping of QEMU's, as `/proc/PID/maps` lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

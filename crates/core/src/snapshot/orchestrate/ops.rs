@@ -1047,9 +1047,10 @@ impl<'a> Orchestrator<'a> {
             }
         }
         undo.background = background;
-        if background {
+        if background && !dom.config.hugepages {
             // Outside the pause: huge pages make QEMU's walk over guest RAM
-            // inside it several times shorter (see `hugepages`).
+            // inside it several times shorter (see `hugepages`). Guest RAM
+            // from the hugetlb pool is in huge pages already.
             if let Ok(crate::domain::QemuProcess::Alive(pid)) = dom.vm.process() {
                 let ram = dom.config.memory_mib << 20;
                 let _ =
