@@ -1,6 +1,14 @@
 //! Snapshot commands with virsh's names, flags, messages and output formats
 //! (`snapshot-create-as`, `snapshot-list`, `snapshot-revert`, ...), over
 //! `vmsnap_core::snapshot`. Rendering only: every decision is the core's.
+//!
+//! Every option virsh lets a script give by position (`DOMAIN`, the
+//! snapshot name, `snapshot-create`'s file...) is both a positional
+//! argument and a named one (`--domain`, `--snapshotname`, `--xmlfile`...),
+//! as in virsh. clap only records what it saw where; [`place`] then gives
+//! each positional value to the first option not given yet, in command-line
+//! order, which is virsh's rule (`virsh snapshot-info --domain d s1` names
+//! snapshot `s1`), and refuses an option given twice with virsh's words.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -24,15 +32,9 @@ use vmsnap_core::Host;
 
 use crate::Globals;
 
-/// The snapshot commands (top-level, as in virsh).
-///
-/// Every option virsh lets a script give by position (`DOMAIN`, the
-/// snapshot name, `snapshot-create`'s file...) is both a positional
-/// argument and a named one (`--domain`, `--snapshotname`, `--xmlfile`...),
-/// as in virsh. clap only records what it saw where; [`place`] then gives
-/// each positional value to the first option not given yet, in command-line
-/// order, which is virsh's rule (`virsh snapshot-info --domain d s1` names
-/// snapshot `s1`), and refuses an option given twice with virsh's words.
+// No doc comment here: clap would make it the help text of `vmsnap` itself,
+// since this enum is flattened into the top-level command (see the module
+// docs for how positional and named options pair up).
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
     /// Create a snapshot from arguments.

@@ -429,3 +429,19 @@ fn vmsnap_killed_mid_command_leaves_the_domain_usable() {
         format!("Domain 'clidom' defined from {config_arg}\n\n")
     );
 }
+
+#[test]
+fn help_describes_vmsnap_not_one_command_group() {
+    for flag in ["-h", "--help"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmsnap"))
+            .arg(flag)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            help.starts_with("VM snapshots for QEMU/KVM\n\nUsage: vmsnap"),
+            "{flag}:\n{help}"
+        );
+    }
+}
