@@ -40,8 +40,8 @@ pub enum SnapshotCommand {
     /// Create a snapshot from arguments.
     #[command(name = "snapshot-create-as")]
     CreateAs {
-        /// Domain name.
-        domain: Option<String>,
+        #[command(flatten)]
+        domain: DomainArg,
         /// Snapshot name (default: the current time in seconds).
         name: Option<String>,
         /// Description.
@@ -49,9 +49,6 @@ pub enum SnapshotCommand {
         /// Disk specs after the description, as virsh takes them (see --diskspec).
         #[arg(value_name = "DISKSPEC")]
         diskspec_args: Vec<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
         /// Snapshot name (alternative to the positional argument).
         #[arg(long = "name", value_name = "NAME")]
         name_flag: Option<String>,
@@ -80,14 +77,11 @@ pub enum SnapshotCommand {
     /// config; without a file, like snapshot-create-as DOM.
     #[command(name = "snapshot-create")]
     Create {
-        /// Domain name.
-        domain: Option<String>,
+        #[command(flatten)]
+        domain: DomainArg,
         /// The document (XML or xl config, told apart by content).
         #[arg(value_name = "XMLFILE")]
         file: Option<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
         /// The document (alternative to the positional argument).
         #[arg(long = "xmlfile", value_name = "FILE")]
         xmlfile: Option<String>,
@@ -106,14 +100,11 @@ pub enum SnapshotCommand {
     /// List snapshots.
     #[command(name = "snapshot-list")]
     List {
-        /// Domain name.
-        domain: Option<String>,
+        #[command(flatten)]
+        domain: DomainArg,
         /// Only children (or --descendants) of this snapshot (as --from).
         #[arg(value_name = "FROM")]
         from_arg: Option<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
         /// Draw the snapshot tree.
         #[arg(long)]
         tree: bool,
@@ -169,16 +160,8 @@ pub enum SnapshotCommand {
     /// Show a snapshot's details.
     #[command(name = "snapshot-info")]
     Info {
-        /// Domain name.
-        domain: Option<String>,
-        /// Snapshot name.
-        snapshot: Option<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
-        /// Snapshot name (alternative to the positional argument).
-        #[arg(long = "snapshotname", value_name = "NAME")]
-        snapshotname: Option<String>,
+        #[command(flatten)]
+        target: SnapshotTarget,
         /// The current snapshot.
         #[arg(long)]
         current: bool,
@@ -186,16 +169,8 @@ pub enum SnapshotCommand {
     /// Print a snapshot as libvirt domainsnapshot XML.
     #[command(name = "snapshot-dumpxml")]
     Dumpxml {
-        /// Domain name.
-        domain: Option<String>,
-        /// Snapshot name.
-        snapshot: Option<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
-        /// Snapshot name (alternative to the positional argument).
-        #[arg(long = "snapshotname", value_name = "NAME")]
-        snapshotname: Option<String>,
+        #[command(flatten)]
+        target: SnapshotTarget,
         /// Accepted for virsh compatibility: the XML holds no secrets to hide.
         #[arg(long)]
         security_info: bool,
@@ -203,16 +178,8 @@ pub enum SnapshotCommand {
     /// Print a snapshot's parent.
     #[command(name = "snapshot-parent")]
     Parent {
-        /// Domain name.
-        domain: Option<String>,
-        /// Snapshot name.
-        snapshot: Option<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
-        /// Snapshot name (alternative to the positional argument).
-        #[arg(long = "snapshotname", value_name = "NAME")]
-        snapshotname: Option<String>,
+        #[command(flatten)]
+        target: SnapshotTarget,
         /// The current snapshot.
         #[arg(long)]
         current: bool,
@@ -220,16 +187,8 @@ pub enum SnapshotCommand {
     /// Show (or set) the current snapshot.
     #[command(name = "snapshot-current")]
     Current {
-        /// Domain name.
-        domain: Option<String>,
-        /// Make this snapshot current.
-        snapshot: Option<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
-        /// Make this snapshot current (alternative to the positional argument).
-        #[arg(long = "snapshotname", value_name = "NAME")]
-        snapshotname: Option<String>,
+        #[command(flatten)]
+        target: SnapshotTarget,
         /// Print only the name.
         #[arg(long)]
         name: bool,
@@ -240,16 +199,8 @@ pub enum SnapshotCommand {
     /// Revert the domain to a snapshot.
     #[command(name = "snapshot-revert")]
     Revert {
-        /// Domain name.
-        domain: Option<String>,
-        /// Snapshot name.
-        snapshot: Option<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
-        /// Snapshot name (alternative to the positional argument).
-        #[arg(long = "snapshotname", value_name = "NAME")]
-        snapshotname: Option<String>,
+        #[command(flatten)]
+        target: SnapshotTarget,
         /// The current snapshot.
         #[arg(long)]
         current: bool,
@@ -266,16 +217,8 @@ pub enum SnapshotCommand {
     /// Delete a snapshot.
     #[command(name = "snapshot-delete")]
     Delete {
-        /// Domain name.
-        domain: Option<String>,
-        /// Snapshot name.
-        snapshot: Option<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
-        /// Snapshot name (alternative to the positional argument).
-        #[arg(long = "snapshotname", value_name = "NAME")]
-        snapshotname: Option<String>,
+        #[command(flatten)]
+        target: SnapshotTarget,
         /// The current snapshot.
         #[arg(long)]
         current: bool,
@@ -292,12 +235,70 @@ pub enum SnapshotCommand {
     /// Finish or roll back what an interrupted vmsnap left on a domain, and remove unneeded files.
     #[command(name = "snapshot-recover")]
     Recover {
-        /// Domain name.
-        domain: Option<String>,
-        /// Domain name (alternative to the positional argument).
-        #[arg(long = "domain", value_name = "DOMAIN")]
-        domain_opt: Option<String>,
+        #[command(flatten)]
+        domain: DomainArg,
     },
+}
+
+/// `DOMAIN` / `--domain`, which every snapshot command takes first.
+#[derive(Debug, Args)]
+pub struct DomainArg {
+    /// Domain name.
+    domain: Option<String>,
+    /// Domain name (alternative to the positional argument).
+    #[arg(long = "domain", value_name = "DOMAIN")]
+    domain_opt: Option<String>,
+}
+
+impl DomainArg {
+    /// The required option for [`place`].
+    fn slot(self) -> Slot {
+        Slot::new(
+            "domain",
+            ("domain", self.domain),
+            ("domain_opt", self.domain_opt),
+        )
+        .required()
+    }
+}
+
+/// `DOMAIN SNAPSHOT` / `--domain --snapshotname`: the snapshot a command
+/// works on.
+#[derive(Debug, Args)]
+pub struct SnapshotTarget {
+    /// Domain name.
+    domain: Option<String>,
+    /// Snapshot name.
+    snapshot: Option<String>,
+    /// Domain name (alternative to the positional argument).
+    #[arg(long = "domain", value_name = "DOMAIN")]
+    domain_opt: Option<String>,
+    /// Snapshot name (alternative to the positional argument).
+    #[arg(long = "snapshotname", value_name = "NAME")]
+    snapshotname: Option<String>,
+}
+
+impl SnapshotTarget {
+    /// The domain and, if given, the snapshot, placed as virsh does;
+    /// `snapshot_required` for commands that take no `--current`.
+    fn place(self, argv: &Argv<'_>, snapshot_required: bool) -> Result<(String, Option<String>)> {
+        let domain = DomainArg {
+            domain: self.domain,
+            domain_opt: self.domain_opt,
+        };
+        let snapshot = Slot::new(
+            "snapshotname",
+            ("snapshot", self.snapshot),
+            ("snapshotname", self.snapshotname),
+        );
+        let snapshot = if snapshot_required {
+            snapshot.required()
+        } else {
+            snapshot
+        };
+        let [domain, snapshot] = place(argv, [domain.slot(), snapshot])?;
+        Ok((needed(domain), single(snapshot)))
+    }
 }
 
 /// Runs one snapshot command; `matches` is the whole command line as clap
@@ -353,20 +354,6 @@ impl Slot {
             positional: (positional.0, positional.1.into_iter().collect()),
             named: (named.0, named.1.into_iter().collect()),
         }
-    }
-
-    /// `DOMAIN` / `--domain`, which every snapshot command needs.
-    fn domain(positional: Option<String>, named: Option<String>) -> Slot {
-        Slot::new("domain", ("domain", positional), ("domain_opt", named)).required()
-    }
-
-    /// `SNAPSHOT` / `--snapshotname`.
-    fn snapshotname(positional: Option<String>, named: Option<String>) -> Slot {
-        Slot::new(
-            "snapshotname",
-            ("snapshot", positional),
-            ("snapshotname", named),
-        )
     }
 
     fn required(self) -> Slot {
@@ -606,7 +593,6 @@ async fn execute(
             name,
             description,
             diskspec_args,
-            domain_opt,
             name_flag,
             description_flag,
             disk_only,
@@ -619,7 +605,7 @@ async fn execute(
             let [domain, name, description, diskspec] = place(
                 argv,
                 [
-                    Slot::domain(domain, domain_opt),
+                    domain.slot(),
                     Slot::new("name", ("name", name), ("name_flag", name_flag)),
                     Slot::new(
                         "description",
@@ -680,7 +666,6 @@ async fn execute(
         SnapshotCommand::Create {
             domain,
             file,
-            domain_opt,
             xmlfile,
             redefine,
             current,
@@ -690,7 +675,7 @@ async fn execute(
             let [domain, file] = place(
                 argv,
                 [
-                    Slot::domain(domain, domain_opt),
+                    domain.slot(),
                     Slot::new("xmlfile", ("file", file), ("xmlfile", xmlfile)),
                 ],
             )?;
@@ -789,7 +774,6 @@ async fn execute(
         SnapshotCommand::List {
             domain,
             from_arg,
-            domain_opt,
             tree,
             parent,
             roots,
@@ -811,7 +795,7 @@ async fn execute(
             let [domain, from] = place(
                 argv,
                 [
-                    Slot::domain(domain, domain_opt),
+                    domain.slot(),
                     Slot::new("from", ("from_arg", from_arg), ("from", from)),
                 ],
             )?;
@@ -887,22 +871,9 @@ async fn execute(
             }
             Ok(render::render_list_table(&picked, parent, TimeZone::Local))
         }
-        SnapshotCommand::Info {
-            domain,
-            snapshot,
-            domain_opt,
-            snapshotname,
-            current,
-        } => {
-            let [domain, snapshot] = place(
-                argv,
-                [
-                    Slot::domain(domain, domain_opt),
-                    Slot::snapshotname(snapshot, snapshotname),
-                ],
-            )?;
-            let domain = needed(domain);
-            let name = resolve_name(orchestrator, &domain, single(snapshot), current)?;
+        SnapshotCommand::Info { target, current } => {
+            let (domain, snapshot) = target.place(argv, false)?;
+            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
             let tree = orchestrator.tree(&domain)?;
             let meta = orchestrator.get(&domain, &name)?.meta;
             if json_output {
@@ -911,38 +882,18 @@ async fn execute(
             Ok(render::render_info(&tree, &meta))
         }
         SnapshotCommand::Dumpxml {
-            domain,
-            snapshot,
-            domain_opt,
-            snapshotname,
+            target,
             security_info: _,
         } => {
-            let [domain, snapshot] = place(
-                argv,
-                [
-                    Slot::domain(domain, domain_opt),
-                    Slot::snapshotname(snapshot, snapshotname).required(),
-                ],
-            )?;
-            let meta = orchestrator.get(&needed(domain), &needed(snapshot))?.meta;
+            let (domain, snapshot) = target.place(argv, true)?;
+            let meta = orchestrator
+                .get(&domain, &snapshot.unwrap_or_default())?
+                .meta;
             Ok(render::render_xml(&snapshot_to_xml(&meta)))
         }
-        SnapshotCommand::Parent {
-            domain,
-            snapshot,
-            domain_opt,
-            snapshotname,
-            current,
-        } => {
-            let [domain, snapshot] = place(
-                argv,
-                [
-                    Slot::domain(domain, domain_opt),
-                    Slot::snapshotname(snapshot, snapshotname),
-                ],
-            )?;
-            let domain = needed(domain);
-            let name = resolve_name(orchestrator, &domain, single(snapshot), current)?;
+        SnapshotCommand::Parent { target, current } => {
+            let (domain, snapshot) = target.place(argv, false)?;
+            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
             let meta = orchestrator.get(&domain, &name)?.meta;
             match meta.parent {
                 Some(parent) => Ok(render::render_name(&parent)),
@@ -950,21 +901,11 @@ async fn execute(
             }
         }
         SnapshotCommand::Current {
-            domain,
-            snapshot,
-            domain_opt,
-            snapshotname,
+            target,
             name,
             security_info: _,
         } => {
-            let [domain, snapshot] = place(
-                argv,
-                [
-                    Slot::domain(domain, domain_opt),
-                    Slot::snapshotname(snapshot, snapshotname),
-                ],
-            )?;
-            let (domain, snapshot) = (needed(domain), single(snapshot));
+            let (domain, snapshot) = target.place(argv, false)?;
             if let Some(snapshot) = snapshot {
                 if name {
                     bail!("Options --name and --snapshotname are mutually exclusive");
@@ -981,24 +922,14 @@ async fn execute(
             Ok(render::render_xml(&snapshot_to_xml(&meta)))
         }
         SnapshotCommand::Revert {
-            domain,
-            snapshot,
-            domain_opt,
-            snapshotname,
+            target,
             current,
             running,
             paused,
             force: _,
         } => {
-            let [domain, snapshot] = place(
-                argv,
-                [
-                    Slot::domain(domain, domain_opt),
-                    Slot::snapshotname(snapshot, snapshotname),
-                ],
-            )?;
-            let domain = needed(domain);
-            let name = resolve_name(orchestrator, &domain, single(snapshot), current)?;
+            let (domain, snapshot) = target.place(argv, false)?;
+            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
             let mode = match (running, paused) {
                 (true, true) => bail!("--running and --paused are mutually exclusive"),
                 (true, false) => RevertMode::Running,
@@ -1017,24 +948,14 @@ async fn execute(
             Ok(render::msg_reverted(&name))
         }
         SnapshotCommand::Delete {
-            domain,
-            snapshot,
-            domain_opt,
-            snapshotname,
+            target,
             current,
             children,
             children_only,
             metadata,
         } => {
-            let [domain, snapshot] = place(
-                argv,
-                [
-                    Slot::domain(domain, domain_opt),
-                    Slot::snapshotname(snapshot, snapshotname),
-                ],
-            )?;
-            let domain = needed(domain);
-            let name = resolve_name(orchestrator, &domain, single(snapshot), current)?;
+            let (domain, snapshot) = target.place(argv, false)?;
+            let name = resolve_name(orchestrator, &domain, snapshot, current)?;
             let scope = match (children, children_only) {
                 (true, true) => bail!("--children and --children-only are mutually exclusive"),
                 (true, false) => DeleteScope::WithChildren,
@@ -1058,8 +979,8 @@ async fn execute(
                 render::msg_deleted(&name)
             })
         }
-        SnapshotCommand::Recover { domain, domain_opt } => {
-            let [domain] = place(argv, [Slot::domain(domain, domain_opt)])?;
+        SnapshotCommand::Recover { domain } => {
+            let [domain] = place(argv, [domain.slot()])?;
             let domain = needed(domain);
             let notes = orchestrator.recover(&domain).await?;
             if json_output {
