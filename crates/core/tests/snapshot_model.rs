@@ -151,6 +151,13 @@ async fn run(seed: u64, steps: usize) {
             file.display()
         );
     }
+    // And that chain is the configured image with at most one overlay: every
+    // layer between them was merged away.
+    assert!(
+        chain.len() <= 2,
+        "seed {seed}: the current chain stayed {} layers deep: {chain:?}",
+        chain.len()
+    );
 }
 
 /// Three seeds by default (about 15 s); `VMSNAP_MODEL_SEEDS=N` runs N.

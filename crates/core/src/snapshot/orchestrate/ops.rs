@@ -15,7 +15,9 @@ use super::model::{
     chain_of, chains_of, disk_chain_of, node_name_for, Chain, DiskCapture, Layer, SnapshotStorage,
 };
 use super::offline;
-use super::plan::{live_content_needed, needed_files, plan_merge, without_layer, Merge};
+use super::plan::{
+    live_content_needed, needed_files, plan_merge, with_stale_merges, without_layer, Merge,
+};
 use super::recover::job_id;
 use super::runtime::{qmp_error, shell_quote, FdMonitor};
 use super::spec::{DiskSpec, MemSpec};
@@ -1899,6 +1901,8 @@ impl<'a> Orchestrator<'a> {
                 DiskCapture::Excluded => {}
             }
         }
+        // Layers an earlier delete had to keep may be free to go now too.
+        let merges = with_stale_merges(merges, &owned, &current, &remaining);
         let id = self.snaps.begin(domain, &intent)?;
         let qmp = self.running_qmp(dom).await?;
         // Merge each frozen image into its only child; the records still

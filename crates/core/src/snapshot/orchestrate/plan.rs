@@ -146,6 +146,72 @@ pub fn plan_merge(
     })
 }
 
+/// `planned` followed by every other merge that can be done now, in the
+/// order to run them: a layer whose freezing snapshot was deleted while
+/// others still read it directly (a branch above it) stays, and becomes
+/// mergeable only when a later delete takes that branch away. Each merge is
+/// planned on the chains as the merges before it leave them, so a deep
+/// chain collapses in one delete; each goes through [`plan_merge`]'s rules.
+pub fn with_stale_merges(
+    planned: Vec<Merge>,
+    owned: &BTreeSet<PathBuf>,
+    current: &Chains,
+    snapshots: &[StoredSnapshot],
+) -> Vec<Merge> {
+    let mut current = current.clone();
+    let mut snapshots = snapshots.to_vec();
+    let mut merges = Vec::new();
+    let mut next = planned.into_iter();
+    loop {
+        let merge = match next.next() {
+            Some(merge) => merge,
+            None => {
+                let candidates = layer_prefixes(&current, &snapshots);
+                match candidates.iter().find_map(|(target, prefix)| {
+                    plan_merge(target, prefix, owned, &current, &snapshots)
+                }) {
+                    Some(merge) => merge,
+                    None => return merges,
+                }
+            }
+        };
+        for chain in current.values_mut() {
+            *chain = without_layer(chain, &merge.frozen.file);
+        }
+        for snapshot in &mut snapshots {
+            for capture in snapshot.storage.disks.values_mut() {
+                if let DiskCapture::Internal { chain, .. } | DiskCapture::External { chain } =
+                    capture
+                {
+                    *chain = without_layer(chain, &merge.frozen.file);
+                }
+            }
+        }
+        merges.push(merge);
+    }
+}
+
+/// Every layer below the top of some chain, as (disk, the chain up to it).
+fn layer_prefixes(current: &Chains, snapshots: &[StoredSnapshot]) -> Vec<(String, Chain)> {
+    let chains = current.iter().chain(snapshots.iter().flat_map(|snapshot| {
+        snapshot
+            .storage
+            .disks
+            .iter()
+            .filter_map(|(target, capture)| capture.chain().map(|chain| (target, chain)))
+    }));
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (target, chain) in chains {
+        for depth in 1..chain.0.len() {
+            if seen.insert(chain.0[depth - 1].file.clone()) {
+                out.push((target.clone(), Chain(chain.0[..depth].to_vec())));
+            }
+        }
+    }
+    out
+}
+
 /// `chain` without `file` (the merged-away layer).
 pub fn without_layer(chain: &Chain, file: &Path) -> Chain {
     Chain(
@@ -288,6 +354,43 @@ mod tests {
             &[int]
         )
         .is_none());
+    }
+
+    #[test]
+    fn layers_left_behind_by_earlier_deletes_merge_once_their_branch_is_gone() {
+        // o1's snapshot went while two branches read it (o2, kept by x, and
+        // the current o3). Now x is gone too: o1 has one child left.
+        let cur = current(&["base", "o1", "o3"]);
+        let owned = owned(&["o1", "o3"]);
+        let merges = with_stale_merges(Vec::new(), &owned, &cur, &[]);
+        assert_eq!(merges.len(), 1, "{merges:?}");
+        assert_eq!(merges[0].frozen.file, PathBuf::from("/s/o1"));
+        assert_eq!(merges[0].child.file, PathBuf::from("/s/o3"));
+        assert_eq!(merges[0].base.file, PathBuf::from("/s/base"));
+        // While x still reads o1 through o2, o1 stays.
+        let x = snapshot(
+            "x",
+            DiskCapture::External {
+                chain: chain(&["base", "o1", "o2"]),
+            },
+        );
+        let owned_x = super::tests::owned(&["o1", "o2", "o3"]);
+        assert!(with_stale_merges(Vec::new(), &owned_x, &cur, std::slice::from_ref(&x)).is_empty());
+        // A deep chain collapses in order, each merge on the chain the one
+        // before leaves: o1 into o2 (over base), then o2 into o3 (over base).
+        let deep = current(&["base", "o1", "o2", "o3"]);
+        let merges = with_stale_merges(Vec::new(), &owned_x, &deep, &[]);
+        fn name(layer: &Layer) -> &str {
+            layer.file.to_str().unwrap().trim_start_matches("/s/")
+        }
+        let steps: Vec<(&str, &str, &str)> = merges
+            .iter()
+            .map(|m| (name(&m.frozen), name(&m.child), name(&m.base)))
+            .collect();
+        assert_eq!(steps, [("o1", "o2", "base"), ("o2", "o3", "base")]);
+        // A merge the delete planned itself comes first and is not repeated.
+        let planned = vec![merges[0].clone()];
+        assert_eq!(with_stale_merges(planned, &owned_x, &deep, &[]), merges);
     }
 
     #[test]
