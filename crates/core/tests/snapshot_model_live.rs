@@ -746,7 +746,13 @@ async fn random_live_sequences_keep_promises_1_to_3() {
     let chains = bench.orchestrator().snapshots().chains(DOM).unwrap();
     let vda_images = images
         .iter()
-        .filter(|image| image.file_name().unwrap().to_string_lossy().starts_with("vda"))
+        .filter(|image| {
+            image
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vda")
+        })
         .count() as u64;
     let layers: Vec<usize> = chains.iter().map(|c| c.layers.len()).collect();
     let slack = bench.max_vmstate.div_ceil(MIB) * MIB;
