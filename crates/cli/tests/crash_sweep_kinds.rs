@@ -98,11 +98,8 @@ struct Sweep {
 
 impl Sweep {
     fn new(prefix: &str, dom: &'static str, running: bool) -> Sweep {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("vmsnap-{prefix}"))
-            .tempdir()
-            .unwrap();
-        let bench = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+        let bench =
+            VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), &format!("vmsnap-{prefix}"));
         bench.guard(dom);
         let disk = bench.path("vda.qcow2");
         lab::create_qcow2(&disk, "32M");

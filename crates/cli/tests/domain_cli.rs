@@ -25,11 +25,7 @@ impl std::ops::Deref for Cli {
 
 impl Cli {
     fn new() -> Cli {
-        let dir = tempfile::Builder::new()
-            .prefix("vmsnap-cli")
-            .tempdir()
-            .unwrap();
-        let cli = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+        let cli = VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), "vmsnap-cli");
         // Never leave a QEMU behind, whatever the test did.
         cli.guard("clidom");
         Cli(cli)

@@ -69,11 +69,7 @@ fn hugepage_backed_guest_snapshots_and_reverts() {
         available_pages(),
         pool_count("nr_hugepages") + needed
     );
-    let dir = tempfile::Builder::new()
-        .prefix("vmsnap-hugepages")
-        .tempdir()
-        .unwrap();
-    let cli = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+    let cli = VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), "vmsnap-hugepages");
     cli.guard("huge");
     cli.guard("toolarge");
     lab::create_qcow2(&cli.path("vda.qcow2"), "32M");

@@ -54,11 +54,8 @@ struct Bench {
 
 impl Bench {
     fn new(dom: &'static str) -> Bench {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("vmsnap-qkill-{dom}"))
-            .tempdir()
-            .unwrap();
-        let cli = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+        let cli =
+            VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), &format!("vmsnap-qkill-{dom}"));
         cli.guard(dom);
         lab::create_qcow2(&cli.path("vda.qcow2"), "64M");
         let config = cli.write_guest_config(dom, 160, &[DiskDef::qcow2("vda", "vda.qcow2")]);

@@ -11,11 +11,7 @@ use vmsnap_testguest::Guest;
 
 #[test]
 fn a_revert_killed_mid_way_is_finished_by_the_next_domain_command() {
-    let dir = tempfile::Builder::new()
-        .prefix("vmsnap-recover-dom")
-        .tempdir()
-        .unwrap();
-    let bench = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+    let bench = VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), "vmsnap-recover-dom");
     bench.guard("halfway");
     vmsnap_testguest::lab::create_qcow2(&bench.path("vda.qcow2"), "32M");
     let ctl = bench.control_socket();

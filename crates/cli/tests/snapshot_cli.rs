@@ -25,11 +25,7 @@ impl std::ops::Deref for Bench {
 
 impl Bench {
     fn new() -> Bench {
-        let dir = tempfile::Builder::new()
-            .prefix("vmsnap-snapcli")
-            .tempdir()
-            .unwrap();
-        let bench = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+        let bench = VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), "vmsnap-snapcli");
         bench.guard("cli");
         Bench(bench)
     }

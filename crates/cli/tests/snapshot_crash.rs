@@ -20,11 +20,7 @@ fn snapshot_files(bench: &VmsnapCli) -> Vec<PathBuf> {
 
 #[test]
 fn killed_at_every_step_of_an_external_snapshot() {
-    let dir = tempfile::Builder::new()
-        .prefix("vmsnap-crash")
-        .tempdir()
-        .unwrap();
-    let bench = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+    let bench = VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), "vmsnap-crash");
     bench.guard("crashy");
     lab::create_qcow2(&bench.path("vda.qcow2"), "32M");
     let ctl = bench.control_socket();

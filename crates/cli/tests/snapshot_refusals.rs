@@ -222,11 +222,7 @@ fn assert_writes_reach_original(
 
 #[test]
 fn migrate_refused_after_the_disk_switch_changes_nothing() {
-    let dir = tempfile::Builder::new()
-        .prefix("vmsnap-refusals")
-        .tempdir()
-        .unwrap();
-    let cli = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+    let cli = VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), "vmsnap-refusals");
     cli.guard(DOMAIN);
     let vda = cli.path("vda.qcow2");
     lab::create_qcow2(&vda, DISK_SIZE);

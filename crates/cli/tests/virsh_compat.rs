@@ -20,11 +20,7 @@ const DOMAIN: &str = "off";
 
 /// The vmsnap binary with a stopped domain `off` (one qcow2 disk) defined.
 fn stopped_domain() -> VmsnapCli {
-    let dir = tempfile::Builder::new()
-        .prefix("vmsnap-virsh")
-        .tempdir()
-        .unwrap();
-    let cli = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+    let cli = VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), "vmsnap-virsh");
     lab::create_qcow2(&cli.path("vda.qcow2"), "16M");
     let config = cli.path("off.toml");
     fs::write(
@@ -673,11 +669,7 @@ fn halt_leaves_a_stopped_domain_as_it_is() {
 
 #[test]
 fn halt_stops_a_running_guest_and_its_snapshot_reverts() {
-    let dir = tempfile::Builder::new()
-        .prefix("vmsnap-virsh-halt")
-        .tempdir()
-        .unwrap();
-    let cli = VmsnapCli::new(env!("CARGO_BIN_EXE_vmsnap"), dir);
+    let cli = VmsnapCli::in_temp_dir(env!("CARGO_BIN_EXE_vmsnap"), "vmsnap-virsh-halt");
     cli.guard("g");
     lab::create_qcow2(&cli.path("vda.qcow2"), "32M");
     let config = cli.write_guest_config("g", 160, &[DiskDef::qcow2("vda", "vda.qcow2")]);

@@ -299,6 +299,16 @@ impl VmsnapCli {
         }
     }
 
+    /// A runner of `binary` in a new temporary directory named after
+    /// `prefix`, removed when the runner is dropped.
+    pub fn in_temp_dir(binary: impl Into<PathBuf>, prefix: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot make a temporary directory: {e}"));
+        VmsnapCli::new(binary, dir)
+    }
+
     /// The test directory.
     pub fn dir(&self) -> &Path {
         (*self.dir).as_ref()
