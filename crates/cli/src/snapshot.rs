@@ -266,13 +266,10 @@ impl DomainArg {
 /// works on.
 #[derive(Debug, Args)]
 pub struct SnapshotTarget {
-    /// Domain name.
-    domain: Option<String>,
+    #[command(flatten)]
+    domain: DomainArg,
     /// Snapshot name.
     snapshot: Option<String>,
-    /// Domain name (alternative to the positional argument).
-    #[arg(long = "domain", value_name = "DOMAIN")]
-    domain_opt: Option<String>,
     /// Snapshot name (alternative to the positional argument).
     #[arg(long = "snapshotname", value_name = "NAME")]
     snapshotname: Option<String>,
@@ -282,10 +279,6 @@ impl SnapshotTarget {
     /// The domain and, if given, the snapshot, placed as virsh does;
     /// `snapshot_required` for commands that take no `--current`.
     fn place(self, argv: &Argv<'_>, snapshot_required: bool) -> Result<(String, Option<String>)> {
-        let domain = DomainArg {
-            domain: self.domain,
-            domain_opt: self.domain_opt,
-        };
         let snapshot = Slot::new(
             "snapshotname",
             ("snapshot", self.snapshot),
@@ -296,7 +289,7 @@ impl SnapshotTarget {
         } else {
             snapshot
         };
-        let [domain, snapshot] = place(argv, [domain.slot(), snapshot])?;
+        let [domain, snapshot] = place(argv, [self.domain.slot(), snapshot])?;
         Ok((needed(domain), single(snapshot)))
     }
 }

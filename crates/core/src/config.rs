@@ -119,7 +119,7 @@ pub struct DomainConfig {
     /// allocation). A background memory snapshot then walks and
     /// write-protects RAM in 2 MiB steps inside the guest's pause instead of
     /// 4 KiB ones: the pause of an external snapshot drops from about 8 ms to
-    /// about 4 ms for 1 GiB here. Needs `memory_mib / 2` free pages
+    /// about 3 ms for 1 GiB here. Needs `memory_mib / 2` free pages
     /// (`vm.nr_hugepages`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub hugepages: bool,

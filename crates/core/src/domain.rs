@@ -934,7 +934,6 @@ fn wait_gone_blocking(pid: u32, pid_file: &Path, timeout: Duration) -> bool {
     true
 }
 
-/// QEMU's stderr on one line (error messages must be one line), capped in length.
 /// Where the kernel counts its 2 MiB huge pages.
 const HUGEPAGES_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 
@@ -968,6 +967,7 @@ fn hugepage_shortfall(memory_mib: u64, available: u64) -> std::result::Result<()
     ))
 }
 
+/// QEMU's stderr on one line (error messages must be one line), capped in length.
 fn one_line_stderr(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let mut line = text

@@ -161,24 +161,11 @@ pub fn with_stale_merges(
     let mut current = current.clone();
     let mut snapshots = snapshots.to_vec();
     let mut merges = Vec::new();
-    let mut next = planned.into_iter();
-    loop {
-        let merge = match next.next() {
-            Some(merge) => merge,
-            None => {
-                let candidates = layer_prefixes(&current, &snapshots);
-                match candidates.iter().find_map(|(target, prefix)| {
-                    plan_merge(target, prefix, owned, &current, &snapshots)
-                }) {
-                    Some(merge) => merge,
-                    None => return merges,
-                }
-            }
-        };
+    let mut take = |merge: Merge, current: &mut Chains, snapshots: &mut [StoredSnapshot]| {
         for chain in current.values_mut() {
             *chain = without_layer(chain, &merge.frozen.file);
         }
-        for snapshot in &mut snapshots {
+        for snapshot in snapshots.iter_mut() {
             for capture in snapshot.storage.disks.values_mut() {
                 if let DiskCapture::Internal { chain, .. } | DiskCapture::External { chain } =
                     capture
@@ -188,7 +175,17 @@ pub fn with_stale_merges(
             }
         }
         merges.push(merge);
+    };
+    for merge in planned {
+        take(merge, &mut current, &mut snapshots);
     }
+    while let Some(merge) = layer_prefixes(&current, &snapshots)
+        .iter()
+        .find_map(|(target, prefix)| plan_merge(target, prefix, owned, &current, &snapshots))
+    {
+        take(merge, &mut current, &mut snapshots);
+    }
+    merges
 }
 
 /// Every layer below the top of some chain, as (disk, the chain up to it).
